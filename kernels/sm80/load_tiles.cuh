@@ -1,0 +1,35 @@
+// Producer side of the sm80 tree: cp.async copies of padded contiguous tiles into swizzled
+// shared memory (every thread of the CTA takes a share of the 16-byte chunks).
+#pragma once
+
+#include "traits.cuh"
+
+namespace sageattn {
+namespace sm80 {
+
+/// @brief Copy kRows rows of kChunks 16-byte chunks from a contiguous global tile.
+template <int kRows, int kChunks, int kThreads>
+__device__ __forceinline__ void load_tile_async(u32 smem_base, const char* gmem) {
+  static_assert((kRows * kChunks) % kThreads == 0, "even split");
+#pragma unroll
+  for (int i = 0; i < kRows * kChunks / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    const int row = idx / kChunks, chunk = idx % kChunks;
+    cp_async_16(smem_base + swizzled_chunk<kChunks>(row, chunk) * 16, gmem + idx * 16);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void load_q_tile(u32 smem_q, const char* q_block) {
+  load_tile_async<T::kBlockQ, T::kQkChunks, T::kThreads>(smem_q, q_block);
+}
+
+/// @brief K (int8) and V (fp16) of one key block into one pipeline stage.
+template <class T>
+__device__ __forceinline__ void load_kv_stage(u32 smem_stage, const char* k_block, const char* v_block) {
+  load_tile_async<T::kBlockK, T::kQkChunks, T::kThreads>(smem_stage, k_block);
+  load_tile_async<T::kBlockK, T::kVChunks, T::kThreads>(smem_stage + T::kKBytes, v_block);
+}
+
+}  // namespace sm80
+}  // namespace sageattn

@@ -1,0 +1,80 @@
+// O += P V for one warp and one 64-key block: P (fp32 probabilities) rounded to fp16 and
+// reused straight from the score accumulator layout as mma A-fragments (the m16n8 C layout of
+// two adjacent key tiles is the m16n8k16 A layout), V B-fragments by ldmatrix.trans.
+#pragma once
+
+#include "traits.cuh"
+
+namespace sageattn {
+namespace sm80 {
+
+/// @brief A-fragment of keys 16t..16t+15 from the probabilities of score tiles 2t, 2t+1.
+template <class T>
+__device__ __forceinline__ void p_fragment(u32 (&a)[4], const float (&p)[T::kKTiles][4], int t) {
+  a[0] = pack_half2(p[2 * t][0], p[2 * t][1]);
+  a[1] = pack_half2(p[2 * t][2], p[2 * t][3]);
+  a[2] = pack_half2(p[2 * t + 1][0], p[2 * t + 1][1]);
+  a[3] = pack_half2(p[2 * t + 1][2], p[2 * t + 1][3]);
+}
+
+/// @brief V B-fragments (b0,b1 of output tiles dc and dc+1) for keys 16t..16t+15.
+template <class T>
+__device__ __forceinline__ void v_fragments(u32 (&b)[4], u32 smem_v, int t, int dc, int lane) {
+  const int key = 16 * t + (lane % 8) + 8 * ((lane / 8) % 2);
+  const int chunk = dc + lane / 16;
+  ldmatrix_x4_trans(b, smem_v + swizzled_chunk<T::kVChunks>(key, chunk) * 16);
+}
+
+/// @brief "fp32": accumulate P V directly into the fp32 output accumulator.
+template <class T>
+__device__ __forceinline__ void mma_pv_fp32(float (&o)[T::kOTiles][4], const float (&p)[T::kKTiles][4],
+                                            u32 smem_v, int lane) {
+#pragma unroll
+  for (int t = 0; t < T::kBlockK / 16; ++t) {
+    u32 a[4];
+    p_fragment<T>(a, p, t);
+#pragma unroll
+    for (int dc = 0; dc < T::kOTiles; dc += 2) {
+      u32 b[4];
+      v_fragments<T>(b, smem_v, t, dc, lane);
+      mma_f16_m16n8k16_f32acc(o[dc], a, b[0], b[1]);
+      mma_f16_m16n8k16_f32acc(o[dc + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+/// @brief "fp16+fp32": the block's P V accumulates in fp16 from zero (half the accumulator
+/// registers, faster on consumer parts), then is added into the fp32 accumulator.
+template <class T>
+__device__ __forceinline__ void mma_pv_fp16_then_fp32(float (&o)[T::kOTiles][4],
+                                                      const float (&p)[T::kKTiles][4], u32 smem_v,
+                                                      int lane) {
+  u32 acc[T::kOTiles][2];
+#pragma unroll
+  for (int dc = 0; dc < T::kOTiles; ++dc) acc[dc][0] = acc[dc][1] = 0u;
+#pragma unroll
+  for (int t = 0; t < T::kBlockK / 16; ++t) {
+    u32 a[4];
+    p_fragment<T>(a, p, t);
+#pragma unroll
+    for (int dc = 0; dc < T::kOTiles; dc += 2) {
+      u32 b[4];
+      v_fragments<T>(b, smem_v, t, dc, lane);
+      mma_f16_m16n8k16_f16acc(acc[dc], a, b[0], b[1]);
+      mma_f16_m16n8k16_f16acc(acc[dc + 1], a, b[2], b[3]);
+    }
+  }
+#pragma unroll
+  for (int dc = 0; dc < T::kOTiles; ++dc) {
+    float lo, hi;
+    unpack_half2(acc[dc][0], lo, hi);
+    o[dc][0] += lo;
+    o[dc][1] += hi;
+    unpack_half2(acc[dc][1], lo, hi);
+    o[dc][2] += lo;
+    o[dc][3] += hi;
+  }
+}
+
+}  // namespace sm80
+}  // namespace sageattn

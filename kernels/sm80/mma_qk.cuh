@@ -1,0 +1,71 @@
+// S = Q K^T for one warp's 16 rows and one 64-key block: INT8 mma.sync m16n8k32 with INT32
+// accumulation, then per-thread dequantization (one q scale x one k scale per thread: the
+// quantizer grouped exactly the rows/keys this thread's fragment holds).
+#pragma once
+
+#include "traits.cuh"
+
+namespace sageattn {
+namespace sm80 {
+
+/// @brief The warp's Q A-fragments for the whole head dim (kept in registers all along).
+template <class T>
+__device__ __forceinline__ void load_q_fragments(u32 (&qf)[T::kHeadDim / 32][4], u32 smem_q, int warp,
+                                                 int lane) {
+  // Matrices: rows 0-7 / 8-15 of the warp's slice x 16-byte chunk 2kk / 2kk+1.
+  const int row = warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
+#pragma unroll
+  for (int kk = 0; kk < T::kHeadDim / 32; ++kk) {
+    const int chunk = 2 * kk + lane / 16;
+    ldmatrix_x4(qf[kk], smem_q + swizzled_chunk<T::kQkChunks>(row, chunk) * 16);
+  }
+}
+
+/// @brief Integer scores of the warp's 16 rows against the 64 keys in shared memory.
+template <class T>
+__device__ __forceinline__ void mma_qk(int (&acc)[T::kKTiles][4], const u32 (&qf)[T::kHeadDim / 32][4],
+                                       u32 smem_k, int lane) {
+#pragma unroll
+  for (int j = 0; j < T::kKTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0;
+#pragma unroll
+  for (int kk = 0; kk < T::kHeadDim / 32; ++kk) {
+#pragma unroll
+    for (int j = 0; j < T::kKTiles; j += 2) {
+      // Matrices: keys 8j..8j+7 / 8j+8.. x chunk 2kk / 2kk+1 -> b0,b1 of tiles j and j+1.
+      const int key = 8 * j + (lane % 8) + 8 * (lane / 16);
+      const int chunk = 2 * kk + (lane / 8) % 2;
+      u32 b[4];
+      ldmatrix_x4(b, smem_k + swizzled_chunk<T::kQkChunks>(key, chunk) * 16);
+      mma_s8_m16n8k32(acc[j], qf[kk], b[0], b[1]);
+      mma_s8_m16n8k32(acc[j + 1], qf[kk], b[2], b[3]);
+    }
+  }
+}
+
+/// @brief Dequantize to base-2 scores and mask keys past seq_k or above the causal diagonal.
+/// `key0`: index of this block's first key; `row0`: query index of the thread's first row.
+template <class T>
+__device__ __forceinline__ void dequantize_and_mask(float (&s)[T::kKTiles][4], const int (&acc)[T::kKTiles][4],
+                                                    float scale, bool apply_mask, int key0, long long row0,
+                                                    int seq_k, bool causal, long long causal_offset,
+                                                    int lane) {
+  const float neg_inf = -__int_as_float(0x7f800000);
+#pragma unroll
+  for (int j = 0; j < T::kKTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] = static_cast<float>(acc[j][e]) * scale;
+  if (!apply_mask) return;
+#pragma unroll
+  for (int j = 0; j < T::kKTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = key0 + 8 * j + 2 * (lane % 4) + (e % 2);
+      const long long row = row0 + 8 * (e / 2);
+      if (key >= seq_k || (causal && key > row + causal_offset)) s[j][e] = neg_inf;
+    }
+}
+
+}  // namespace sm80
+}  // namespace sageattn

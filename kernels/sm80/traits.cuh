@@ -1,0 +1,35 @@
+// Tile shapes and shared-memory layout of the sm80 tree (INT8 QK^T + FP16 PV, mma.sync).
+#pragma once
+
+#include "../common/quantize.cuh"
+
+namespace sageattn {
+namespace sm80 {
+
+template <int kHeadDim_>
+struct Traits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "native head dims");
+  // 128 query rows per CTA, 16 per warp: one m16 tile each, so a warp's O accumulator is
+  // 16 x kHeadDim fp32 (64 registers at 128) and K/V tiles are shared by 8 warps.
+  static constexpr int kBlockQ = kQBlockRows;
+  static constexpr int kBlockK = kKBlockRows;
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kStages = 2;  // double-buffered K/V: load block i+1 while computing i
+
+  static constexpr int kQkChunks = kHeadDim / 16;  // 16-byte chunks per int8 row
+  static constexpr int kVChunks = kHeadDim / 8;    // 16-byte chunks per fp16 row
+  static constexpr int kKTiles = kBlockK / 8;      // m16n8 score tiles per warp per key block
+  static constexpr int kOTiles = kHeadDim / 8;     // m16n8 output tiles per warp
+
+  static constexpr int kQBytes = kBlockQ * kHeadDim;
+  static constexpr int kKBytes = kBlockK * kHeadDim;
+  static constexpr int kVBytes = kBlockK * kHeadDim * 2;
+  static constexpr int kStageBytes = kKBytes + kVBytes;
+  // Layout: [Q][K0 V0][K1 V1]; all offsets multiples of 16 bytes (cp.async, ldmatrix).
+  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes;
+};
+
+}  // namespace sm80
+}  // namespace sageattn
