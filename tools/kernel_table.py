@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    kind: str            # "k_mean" | "quantize" | "attention"
+    kind: str            # "channel_stats" | "quantize" | "attention"
     params: str          # struct in kernels/common/params.h
     call: str            # C++ expression run by the wrapper, with `p` the params
     threads: int
@@ -35,20 +35,20 @@ class Tree:
 
 def _sm80_kernels():
     rows = [
-        Kernel("sm80_k_channel_mean", "k_mean", "KMeanParams",
-               "sageattn::k_channel_mean(p)", threads=256),
+        Kernel("sm80_channel_stats", "channel_stats", "ChannelStatsParams",
+               "sageattn::channel_stats(p)", threads=256),
     ]
     for hd in (64, 128):
         rows.append(Kernel(
             f"sm80_quantize_qk_int8_v_fp16_hd{hd}", "quantize", "QuantParams",
             f"sageattn::quantize_qk_int8_v_fp16<{hd}>(p)", threads=256, head_dim=hd))
     # "fp32": fp32 MMA accumulation; "fp16+fp32": fp16 inside a key block, fp32 across blocks.
-    for acc_tag, acc, cxx in (("acc32", "fp32", "false"), ("acc16x32", "fp16+fp32", "true")):
+    for acc_tag, acc, cxx in (("acc32", "fp32", "kDirect"), ("acc16x32", "fp16+fp32", "kBlockFp16")):
         for hd in (64, 128):
             smem = 512 * hd  # Q tile 128*hd int8 + 2 stages of (K 64*hd int8 + V 64*hd fp16)
             rows.append(Kernel(
                 f"sm80_qkint8_pvfp16_{acc_tag}_hd{hd}", "attention", "AttnParams",
-                f"sageattn::sm80::attention<{hd}, {cxx}>(p)", threads=256,
+                f"sageattn::sm80::attention<{hd}, sageattn::PvAccum::{cxx}>(p)", threads=256,
                 smem=smem, smem_expr=f"sageattn::sm80::Traits<{hd}>::kSmemBytes",
                 head_dim=hd, pv_accum=acc))
     return tuple(rows)

@@ -59,6 +59,20 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+/// @brief Four fp32 -> four E4M3 bytes (x[0] in bits 0..7), round to nearest even, saturating
+/// to +-448. The conversion instruction exists from sm_89 on.
+__device__ __forceinline__ u32 pack_e4m3x4(float x0, float x1, float x2, float x3) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  u16 lo, hi;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(x1), "f"(x0));
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(x3), "f"(x2));
+  return static_cast<u32>(lo) | (static_cast<u32>(hi) << 16);
+#else
+  __trap();  // FP8 paths are only built for sm_89 and later
+  return 0u;
+#endif
+}
+
 /// @brief Symmetric INT8 code: round half to even, clamp to [-127, 127].
 __device__ __forceinline__ int quantize_int8(float x) {
   int q = __float2int_rn(x);

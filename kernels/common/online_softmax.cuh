@@ -15,9 +15,11 @@ struct RowStats {
 
 /// @brief Turn base-2 scores into unnormalized probabilities in place, update the running
 /// max and sums, and return the factor each row's earlier output must be scaled by.
+/// Probabilities come out multiplied by 2^log2_p_scale (FP8 PV scales P into the E4M3 range by
+/// shifting the max; the row sums carry the same factor, so it cancels in O / l).
 template <int kTiles>
 __device__ __forceinline__ void online_softmax_step(float (&s)[kTiles][4], RowStats& st,
-                                                    float (&rescale)[2]) {
+                                                    float (&rescale)[2], float log2_p_scale = 0.f) {
   const float neg_inf = -__int_as_float(0x7f800000);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -29,24 +31,27 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[kTiles][4], RowSt
     const float m_use = m == neg_inf ? 0.f : m;
     rescale[r] = fast_exp2(st.max[r] - m_use);
     st.max[r] = m;
+    const float shift = m_use - log2_p_scale;
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) {
-      s[j][2 * r] = fast_exp2(s[j][2 * r] - m_use);
-      s[j][2 * r + 1] = fast_exp2(s[j][2 * r + 1] - m_use);
+      s[j][2 * r] = fast_exp2(s[j][2 * r] - shift);
+      s[j][2 * r + 1] = fast_exp2(s[j][2 * r + 1] - shift);
       sum += s[j][2 * r] + s[j][2 * r + 1];
     }
     st.sum[r] = st.sum[r] * rescale[r] + sum;
   }
 }
 
-/// @brief Final row sums (quad-reduced) and natural-log LSE; empty rows give sum 0, LSE -inf.
-__device__ __forceinline__ void finish_rows(const RowStats& st, float (&sum)[2], float (&lse)[2]) {
+/// @brief Final row sums (quad-reduced, still carrying 2^log2_p_scale) and natural-log LSE of
+/// the unscaled probabilities; empty rows give sum 0, LSE -inf.
+__device__ __forceinline__ void finish_rows(const RowStats& st, float (&sum)[2], float (&lse)[2],
+                                            float log2_p_scale = 0.f) {
   const float ln2 = 0.69314718055994531f;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     sum[r] = quad_sum(st.sum[r]);
-    lse[r] = sum[r] > 0.f ? (st.max[r] + log2f(sum[r])) * ln2 : -__int_as_float(0x7f800000);
+    lse[r] = sum[r] > 0.f ? (st.max[r] + log2f(sum[r]) - log2_p_scale) * ln2 : -__int_as_float(0x7f800000);
   }
 }
 

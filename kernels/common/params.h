@@ -6,18 +6,20 @@
 
 namespace sageattn {
 
-constexpr unsigned kAbiVersion = 1;
+constexpr unsigned kAbiVersion = 2;
 constexpr int kDtypeFp16 = 0;
 constexpr int kDtypeBf16 = 1;
 constexpr int kGranPerThread = 0;
 constexpr int kGranPerWarp = 1;
 
-struct KMeanParams {
-  unsigned long long k;
-  long long k_stride_b;
-  long long k_stride_h;
-  long long k_stride_s;
+struct ChannelStatsParams {
+  unsigned long long src;
+  long long src_stride_b;
+  long long src_stride_h;
+  long long src_stride_s;
   unsigned long long mean;
+  unsigned long long minimum;
+  unsigned long long maximum;
   int batch;
   int heads;
   int seq;
@@ -27,20 +29,22 @@ struct KMeanParams {
   int vectorized;
   int _pad0;
 };
-static_assert(sizeof(KMeanParams) == 72, "ABI");
-static_assert(__builtin_offsetof(KMeanParams, k) == 0, "ABI");
-static_assert(__builtin_offsetof(KMeanParams, k_stride_b) == 8, "ABI");
-static_assert(__builtin_offsetof(KMeanParams, k_stride_h) == 16, "ABI");
-static_assert(__builtin_offsetof(KMeanParams, k_stride_s) == 24, "ABI");
-static_assert(__builtin_offsetof(KMeanParams, mean) == 32, "ABI");
-static_assert(__builtin_offsetof(KMeanParams, batch) == 40, "ABI");
-static_assert(__builtin_offsetof(KMeanParams, heads) == 44, "ABI");
-static_assert(__builtin_offsetof(KMeanParams, seq) == 48, "ABI");
-static_assert(__builtin_offsetof(KMeanParams, head_dim) == 52, "ABI");
-static_assert(__builtin_offsetof(KMeanParams, head_dim_padded) == 56, "ABI");
-static_assert(__builtin_offsetof(KMeanParams, in_dtype) == 60, "ABI");
-static_assert(__builtin_offsetof(KMeanParams, vectorized) == 64, "ABI");
-static_assert(__builtin_offsetof(KMeanParams, _pad0) == 68, "ABI");
+static_assert(sizeof(ChannelStatsParams) == 88, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, src) == 0, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, src_stride_b) == 8, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, src_stride_h) == 16, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, src_stride_s) == 24, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, mean) == 32, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, minimum) == 40, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, maximum) == 48, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, batch) == 56, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, heads) == 60, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, seq) == 64, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, head_dim) == 68, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, head_dim_padded) == 72, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, in_dtype) == 76, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, vectorized) == 80, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, _pad0) == 84, "ABI");
 
 struct QuantParams {
   unsigned long long q;
@@ -78,8 +82,15 @@ struct QuantParams {
   int vec_v;
   float sm_scale;
   float sm_scale_log2e;
+  unsigned long long v_fp8;
+  unsigned long long v_scale;
+  unsigned long long v_mean;
+  unsigned long long v_min;
+  unsigned long long v_max;
+  float v_scale_max;
+  int _pad0;
 };
-static_assert(sizeof(QuantParams) == 216, "ABI");
+static_assert(sizeof(QuantParams) == 264, "ABI");
 static_assert(__builtin_offsetof(QuantParams, q) == 0, "ABI");
 static_assert(__builtin_offsetof(QuantParams, q_stride_b) == 8, "ABI");
 static_assert(__builtin_offsetof(QuantParams, q_stride_h) == 16, "ABI");
@@ -115,6 +126,13 @@ static_assert(__builtin_offsetof(QuantParams, vec_k) == 200, "ABI");
 static_assert(__builtin_offsetof(QuantParams, vec_v) == 204, "ABI");
 static_assert(__builtin_offsetof(QuantParams, sm_scale) == 208, "ABI");
 static_assert(__builtin_offsetof(QuantParams, sm_scale_log2e) == 212, "ABI");
+static_assert(__builtin_offsetof(QuantParams, v_fp8) == 216, "ABI");
+static_assert(__builtin_offsetof(QuantParams, v_scale) == 224, "ABI");
+static_assert(__builtin_offsetof(QuantParams, v_mean) == 232, "ABI");
+static_assert(__builtin_offsetof(QuantParams, v_min) == 240, "ABI");
+static_assert(__builtin_offsetof(QuantParams, v_max) == 248, "ABI");
+static_assert(__builtin_offsetof(QuantParams, v_scale_max) == 256, "ABI");
+static_assert(__builtin_offsetof(QuantParams, _pad0) == 260, "ABI");
 
 struct AttnParams {
   unsigned long long q_int8;
@@ -139,8 +157,10 @@ struct AttnParams {
   int k_blocks;
   int causal;
   int out_dtype;
+  unsigned long long v_scale;
+  unsigned long long v_mean;
 };
-static_assert(sizeof(AttnParams) == 136, "ABI");
+static_assert(sizeof(AttnParams) == 152, "ABI");
 static_assert(__builtin_offsetof(AttnParams, q_int8) == 0, "ABI");
 static_assert(__builtin_offsetof(AttnParams, q_scale) == 8, "ABI");
 static_assert(__builtin_offsetof(AttnParams, k_int8) == 16, "ABI");
@@ -163,5 +183,7 @@ static_assert(__builtin_offsetof(AttnParams, q_blocks) == 120, "ABI");
 static_assert(__builtin_offsetof(AttnParams, k_blocks) == 124, "ABI");
 static_assert(__builtin_offsetof(AttnParams, causal) == 128, "ABI");
 static_assert(__builtin_offsetof(AttnParams, out_dtype) == 132, "ABI");
+static_assert(__builtin_offsetof(AttnParams, v_scale) == 136, "ABI");
+static_assert(__builtin_offsetof(AttnParams, v_mean) == 144, "ABI");
 
 }  // namespace sageattn

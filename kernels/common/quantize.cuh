@@ -36,33 +36,45 @@ __device__ __forceinline__ void load_row_chunk8(const u16* row, int d0, int dim,
   }
 }
 
-/// @brief mean[b, h, :] = mean over tokens of K (fp32). Grid (D_pad/64, Hkv, B), 256 threads:
-/// 8 lanes cover 64 channels, 32 row lanes stride the tokens; fixed-order reduction, so the
-/// result is deterministic.
-__device__ __forceinline__ void k_channel_mean(const KMeanParams& p) {
-  __shared__ float partial[32][65];
+/// @brief Per-channel mean / min / max over tokens (fp32, (B, H, D_pad) each; null outputs
+/// skipped). Grid (D_pad/64, H, B), 256 threads: 8 lanes cover 64 channels, 32 row lanes stride
+/// the tokens; fixed-order reduction, so the result is deterministic.
+__device__ __forceinline__ void channel_stats(const ChannelStatsParams& p) {
+  __shared__ float partial[3][32][65];
   const int chunk = threadIdx.x % 8, row_lane = threadIdx.x / 8;
   const int d0 = blockIdx.x * 64 + chunk * 8;
   const int h = blockIdx.y, b = blockIdx.z;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
-  const u16* base = reinterpret_cast<const u16*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  const u16* base = reinterpret_cast<const u16*>(p.src) + b * p.src_stride_b + h * p.src_stride_h;
+  const float inf = __int_as_float(0x7f800000);
+  float sum[8], lo[8], hi[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) sum[i] = 0.f, lo[i] = inf, hi[i] = -inf;
 #pragma unroll 4
   for (int s = row_lane; s < p.seq; s += 32) {
     float x[8];
-    load_row_chunk8(base + s * p.k_stride_s, d0, p.head_dim, p.vectorized != 0, is_bf16, x);
+    load_row_chunk8(base + s * p.src_stride_s, d0, p.head_dim, p.vectorized != 0, is_bf16, x);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] += x[i];
+    for (int i = 0; i < 8; ++i) sum[i] += x[i], lo[i] = fminf(lo[i], x[i]), hi[i] = fmaxf(hi[i], x[i]);
   }
 #pragma unroll
-  for (int i = 0; i < 8; ++i) partial[row_lane][chunk * 8 + i] = acc[i];
+  for (int i = 0; i < 8; ++i) {
+    partial[0][row_lane][chunk * 8 + i] = sum[i];
+    partial[1][row_lane][chunk * 8 + i] = lo[i];
+    partial[2][row_lane][chunk * 8 + i] = hi[i];
+  }
   __syncthreads();
   if (threadIdx.x < 64) {
-    float sum = 0.f;
-    for (int r = 0; r < 32; ++r) sum += partial[r][threadIdx.x];
-    float* mean = reinterpret_cast<float*>(p.mean);
-    mean[(static_cast<i64>(b) * p.heads + h) * p.head_dim_padded + blockIdx.x * 64 + threadIdx.x] =
-        sum / static_cast<float>(p.seq);
+    float total = 0.f, mn = inf, mx = -inf;
+    for (int r = 0; r < 32; ++r) {
+      total += partial[0][r][threadIdx.x];
+      mn = fminf(mn, partial[1][r][threadIdx.x]);
+      mx = fmaxf(mx, partial[2][r][threadIdx.x]);
+    }
+    const i64 i = (static_cast<i64>(b) * p.heads + h) * p.head_dim_padded + blockIdx.x * 64 + threadIdx.x;
+    if (p.mean != 0) reinterpret_cast<float*>(p.mean)[i] = total / static_cast<float>(p.seq);
+    if (p.minimum != 0) reinterpret_cast<float*>(p.minimum)[i] = mn;
+    if (p.maximum != 0) reinterpret_cast<float*>(p.maximum)[i] = mx;
   }
 }
 
@@ -262,10 +274,79 @@ __device__ __forceinline__ void convert_v_block(const QuantParams& p, int job) {
   }
 }
 
+/// @brief Position of key `p` (0..63 in its block) in the FP8 V^T tile. An FP8 m16n8k32 A
+/// fragment holds keys 4c..4c+3 and 16+4c..16+4c+3 of a 32-key step (c = lane % 4), while the
+/// score accumulator gives lane c keys 8j+2c, 8j+2c+1; storing V's keys in this order makes the
+/// score registers usable as A fragments with no shuffles (the sum over keys is order-free).
+__device__ __forceinline__ int fp8_pv_key_slot(int p) {
+  const int step = p / 32, half = (p % 32) / 16, j = (p % 16) / 8, c = (p % 8) / 2, e = p % 2;
+  return 32 * step + 16 * half + 4 * c + 2 * j + e;
+}
+
+/// @brief Largest |V - mean| of a channel from its min/max (and mean when smoothing).
+__device__ __forceinline__ float channel_amax(float lo, float hi, float mean) {
+  return fmaxf(hi - mean, mean - lo);
+}
+
+/// @brief V job (FP8): 64 keys of one (b, hkv, k_block) -> E4M3 V^T tile [D_pad][64 slots],
+/// per-channel scale amax/v_scale_max, mean removed when smoothing. Block 0 writes the scales.
+template <int kHeadDim>
+__device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, int job) {
+  using G = WarpRows<kHeadDim, 8>;
+  __shared__ __align__(16) unsigned char tile[kHeadDim * kKBlockRows];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int kb = job % p.k_blocks, bh = job / p.k_blocks;
+  const int h = bh % p.heads_kv, b = bh / p.heads_kv;
+  const int chunk = lane % G::kLanesPerRow, row_in_pass = lane / G::kLanesPerRow;
+  const int d0 = chunk * 8;
+  const bool is_bf16 = p.in_dtype == kDtypeBf16;
+  const u16* src = reinterpret_cast<const u16*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+  const i64 stats = static_cast<i64>(bh) * p.head_dim_padded;
+  const float* vmin = reinterpret_cast<const float*>(p.v_min) + stats;
+  const float* vmax = reinterpret_cast<const float*>(p.v_max) + stats;
+  const float* vmean = p.v_mean != 0 ? reinterpret_cast<const float*>(p.v_mean) + stats : nullptr;
+
+  float mean[8], inv[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    mean[e] = vmean != nullptr ? vmean[d0 + e] : 0.f;
+    const float amax = channel_amax(vmin[d0 + e], vmax[d0 + e], mean[e]);
+    inv[e] = amax > 0.f ? p.v_scale_max / amax : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < G::kPasses; ++i) {
+    const int key = warp * 8 + i * G::kRowsPerPass + row_in_pass;
+    const int s = kb * kKBlockRows + key;
+    float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (s < p.seq_k) {
+      load_row_chunk8(src + s * p.v_stride_s, d0, p.head_dim, p.vec_v != 0, is_bf16, x);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = (x[e] - mean[e]) * inv[e];
+    }
+    const u32 lo = pack_e4m3x4(x[0], x[1], x[2], x[3]), hi = pack_e4m3x4(x[4], x[5], x[6], x[7]);
+    const int slot = fp8_pv_key_slot(key);
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      tile[(d0 + e) * kKBlockRows + slot] = static_cast<unsigned char>(((e < 4 ? lo : hi) >> (8 * (e % 4))) & 0xffu);
+  }
+  __syncthreads();
+  uint4* dst = reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(p.v_fp8) +
+                                        (static_cast<i64>(bh) * p.k_blocks + kb) * kHeadDim * kKBlockRows);
+  for (int c = threadIdx.x; c < kHeadDim * kKBlockRows / 16; c += kQuantThreads)
+    dst[c] = reinterpret_cast<const uint4*>(tile)[c];
+  if (kb == 0 && static_cast<int>(threadIdx.x) < kHeadDim) {
+    const int d = threadIdx.x;
+    const float amax = channel_amax(vmin[d], vmax[d], vmean != nullptr ? vmean[d] : 0.f);
+    reinterpret_cast<float*>(p.v_scale)[stats + d] = amax / p.v_scale_max;
+  }
+}
+
+enum class VOut { kFp16, kFp8Transposed };
+
 /// @brief One launch for all three: blocks [0, nq) quantize Q, the next nk quantize K, the
 /// last nk convert V (nq = B*Hq*q_blocks, nk = B*Hkv*k_blocks).
-template <int kHeadDim>
-__device__ __forceinline__ void quantize_qk_int8_v_fp16(const QuantParams& p) {
+template <int kHeadDim, VOut kVOut>
+__device__ __forceinline__ void quantize_qkv(const QuantParams& p) {
   const int nq = p.batch * p.heads_q * p.q_blocks;
   const int nk = p.batch * p.heads_kv * p.k_blocks;
   const int job = blockIdx.x;
@@ -273,9 +354,21 @@ __device__ __forceinline__ void quantize_qk_int8_v_fp16(const QuantParams& p) {
     quantize_q_block<kHeadDim>(p, job);
   } else if (job < nq + nk) {
     quantize_k_block<kHeadDim>(p, job - nq);
-  } else {
+  } else if (kVOut == VOut::kFp16) {
     convert_v_block<kHeadDim>(p, job - nq - nk);
+  } else {
+    quantize_v_block_fp8<kHeadDim>(p, job - nq - nk);
   }
+}
+
+template <int kHeadDim>
+__device__ __forceinline__ void quantize_qk_int8_v_fp16(const QuantParams& p) {
+  quantize_qkv<kHeadDim, VOut::kFp16>(p);
+}
+
+template <int kHeadDim>
+__device__ __forceinline__ void quantize_qk_int8_v_fp8(const QuantParams& p) {
+  quantize_qkv<kHeadDim, VOut::kFp8Transposed>(p);
 }
 
 }  // namespace sageattn

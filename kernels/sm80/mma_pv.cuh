@@ -3,6 +3,7 @@
 // two adjacent key tiles is the m16n8k16 A layout), V B-fragments by ldmatrix.trans.
 #pragma once
 
+#include "../common/pv_accumulate.cuh"
 #include "traits.cuh"
 
 namespace sageattn {
@@ -25,10 +26,16 @@ __device__ __forceinline__ void v_fragments(u32 (&b)[4], u32 smem_v, int t, int 
   ldmatrix_x4_trans(b, smem_v + swizzled_chunk<T::kVChunks>(key, chunk) * 16);
 }
 
-/// @brief "fp32": accumulate P V directly into the fp32 output accumulator.
-template <class T>
-__device__ __forceinline__ void mma_pv_fp32(float (&o)[T::kOTiles][4], const float (&p)[T::kKTiles][4],
-                                            u32 smem_v, int lane) {
+/// @brief O += P V for one key block, accumulated as kAccum says (kDirect or kBlockFp16).
+template <class T, PvAccum kAccum>
+__device__ __forceinline__ void mma_pv(float (&o)[T::kOTiles][4], const float (&p)[T::kKTiles][4],
+                                       u32 smem_v, int lane) {
+  static_assert(kAccum != PvAccum::kBlockFp32, "fp16 MMAs on sm80 are exact enough to accumulate directly");
+  u32 acc16[T::kOTiles][2];
+  if (kAccum == PvAccum::kBlockFp16) {
+#pragma unroll
+    for (int dc = 0; dc < T::kOTiles; ++dc) acc16[dc][0] = acc16[dc][1] = 0u;
+  }
 #pragma unroll
   for (int t = 0; t < T::kBlockK / 16; ++t) {
     u32 a[4];
@@ -37,43 +44,16 @@ __device__ __forceinline__ void mma_pv_fp32(float (&o)[T::kOTiles][4], const flo
     for (int dc = 0; dc < T::kOTiles; dc += 2) {
       u32 b[4];
       v_fragments<T>(b, smem_v, t, dc, lane);
-      mma_f16_m16n8k16_f32acc(o[dc], a, b[0], b[1]);
-      mma_f16_m16n8k16_f32acc(o[dc + 1], a, b[2], b[3]);
+      if (kAccum == PvAccum::kBlockFp16) {
+        mma_f16_m16n8k16_f16acc(acc16[dc], a, b[0], b[1]);
+        mma_f16_m16n8k16_f16acc(acc16[dc + 1], a, b[2], b[3]);
+      } else {
+        mma_f16_m16n8k16_f32acc(o[dc], a, b[0], b[1]);
+        mma_f16_m16n8k16_f32acc(o[dc + 1], a, b[2], b[3]);
+      }
     }
   }
-}
-
-/// @brief "fp16+fp32": the block's P V accumulates in fp16 from zero (half the accumulator
-/// registers, faster on consumer parts), then is added into the fp32 accumulator.
-template <class T>
-__device__ __forceinline__ void mma_pv_fp16_then_fp32(float (&o)[T::kOTiles][4],
-                                                      const float (&p)[T::kKTiles][4], u32 smem_v,
-                                                      int lane) {
-  u32 acc[T::kOTiles][2];
-#pragma unroll
-  for (int dc = 0; dc < T::kOTiles; ++dc) acc[dc][0] = acc[dc][1] = 0u;
-#pragma unroll
-  for (int t = 0; t < T::kBlockK / 16; ++t) {
-    u32 a[4];
-    p_fragment<T>(a, p, t);
-#pragma unroll
-    for (int dc = 0; dc < T::kOTiles; dc += 2) {
-      u32 b[4];
-      v_fragments<T>(b, smem_v, t, dc, lane);
-      mma_f16_m16n8k16_f16acc(acc[dc], a, b[0], b[1]);
-      mma_f16_m16n8k16_f16acc(acc[dc + 1], a, b[2], b[3]);
-    }
-  }
-#pragma unroll
-  for (int dc = 0; dc < T::kOTiles; ++dc) {
-    float lo, hi;
-    unpack_half2(acc[dc][0], lo, hi);
-    o[dc][0] += lo;
-    o[dc][1] += hi;
-    unpack_half2(acc[dc][1], lo, hi);
-    o[dc][2] += lo;
-    o[dc][3] += hi;
-  }
+  if (kAccum == PvAccum::kBlockFp16) add_block<T::kOTiles>(o, acc16);
 }
 
 }  // namespace sm80

@@ -19,6 +19,7 @@ struct Traits {
   static constexpr int kStages = 2;  // double-buffered K/V: load block i+1 while computing i
 
   static constexpr int kQkChunks = kHeadDim / 16;  // 16-byte chunks per int8 row
+  static constexpr int kVRows = kBlockK;           // V tile: keys x head dim, fp16
   static constexpr int kVChunks = kHeadDim / 8;    // 16-byte chunks per fp16 row
   static constexpr int kKTiles = kBlockK / 8;      // m16n8 score tiles per warp per key block
   static constexpr int kOTiles = kHeadDim / 8;     // m16n8 output tiles per warp

@@ -18,7 +18,7 @@ import ctypes
 import sys
 
 # Bump whenever a struct below changes.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # Codes shared by Python and the kernels.
 DTYPE_FP16 = 0
@@ -29,13 +29,16 @@ GRAN_PER_WARP = 1
 _i32, _i64, _f32, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64
 
 
-class KMeanParams(ctypes.Structure):
-    """Per-channel mean of K over tokens, fp32 (B, Hkv, D_pad)."""
+class ChannelStatsParams(ctypes.Structure):
+    """Per-channel statistics over tokens of a (B, H, S, D) tensor, fp32 (B, H, D_pad) each:
+    mean (K smoothing, V smoothing) and min/max (V's per-channel FP8 scale). Null outputs are skipped."""
 
     _fields_ = [
-        ("k", _ptr),               # const fp16/bf16*, (B, Hkv, Sk, D) with strides below
-        ("k_stride_b", _i64), ("k_stride_h", _i64), ("k_stride_s", _i64),
-        ("mean", _ptr),            # float* (B, Hkv, D_pad), contiguous
+        ("src", _ptr),             # const fp16/bf16*, (B, H, S, D) with strides below
+        ("src_stride_b", _i64), ("src_stride_h", _i64), ("src_stride_s", _i64),
+        ("mean", _ptr),            # float* (B, H, D_pad) or 0
+        ("minimum", _ptr),         # float* (B, H, D_pad) or 0
+        ("maximum", _ptr),         # float* (B, H, D_pad) or 0
         ("batch", _i32), ("heads", _i32), ("seq", _i32),
         ("head_dim", _i32), ("head_dim_padded", _i32),
         ("in_dtype", _i32),        # DTYPE_*
@@ -67,11 +70,18 @@ class QuantParams(ctypes.Structure):
         ("vec_q", _i32), ("vec_k", _i32), ("vec_v", _i32),
         ("sm_scale", _f32),        # softmax scale (natural-log units)
         ("sm_scale_log2e", _f32),  # sm_scale * log2(e), folded into q_scale
+        # FP8 V (sm89 tree); the sm80 tree uses v_fp16 instead.
+        ("v_fp8", _ptr),           # e4m3 (B, Hkv, k_blocks, D_pad, 64): V^T per key block, keys permuted
+        ("v_scale", _ptr),         # float (B, Hkv, D_pad): per-channel dequantization scale
+        ("v_mean", _ptr),          # const float (B, Hkv, D_pad) or 0: subtracted (smooth_v)
+        ("v_min", _ptr), ("v_max", _ptr),  # const float (B, Hkv, D_pad): channel min/max of V
+        ("v_scale_max", _f32),     # |V| maps to this E4M3 value (448, or 2.25 for fp16 PV accumulation)
+        ("_pad0", _i32),
     ]
 
 
 class AttnParams(ctypes.Structure):
-    """INT8 QK^T + 16-bit PV attention over pre-quantized operands."""
+    """INT8 QK^T + fp16 or FP8 PV attention over pre-quantized operands."""
 
     _fields_ = [
         ("q_int8", _ptr), ("q_scale", _ptr),
@@ -87,10 +97,12 @@ class AttnParams(ctypes.Structure):
         ("q_blocks", _i32), ("k_blocks", _i32),
         ("causal", _i32),
         ("out_dtype", _i32),       # DTYPE_*
+        ("v_scale", _ptr),         # const float (B, Hkv, D_pad): FP8 V scales (sm89 tree) or 0
+        ("v_mean", _ptr),          # const float (B, Hkv, D_pad): added back in the epilogue, or 0
     ]
 
 
-STRUCTS = (KMeanParams, QuantParams, AttnParams)
+STRUCTS = (ChannelStatsParams, QuantParams, AttnParams)
 
 _C_TYPES = {
     ctypes.c_int32: "int",

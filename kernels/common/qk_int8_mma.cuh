@@ -1,12 +1,12 @@
 // S = Q K^T for one warp's 16 rows and one 64-key block: INT8 mma.sync m16n8k32 with INT32
 // accumulation, then per-thread dequantization (one q scale x one k scale per thread: the
 // quantizer grouped exactly the rows/keys this thread's fragment holds).
+// Shared by the sm80 and sm89 trees (identical QK^T; they differ in PV).
 #pragma once
 
-#include "traits.cuh"
+#include "mma_sm80.cuh"
 
 namespace sageattn {
-namespace sm80 {
 
 /// @brief The warp's Q A-fragments for the whole head dim (kept in registers all along).
 template <class T>
@@ -67,5 +67,4 @@ __device__ __forceinline__ void dequantize_and_mask(float (&s)[T::kKTiles][4], c
     }
 }
 
-}  // namespace sm80
 }  // namespace sageattn

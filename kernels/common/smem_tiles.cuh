@@ -1,11 +1,12 @@
-// Producer side of the sm80 tree: cp.async copies of padded contiguous tiles into swizzled
-// shared memory (every thread of the CTA takes a share of the 16-byte chunks).
+// Producer side of the mma.sync trees (sm80, sm89): cp.async copies of padded contiguous tiles
+// into swizzled shared memory (every thread of the CTA takes a share of the 16-byte chunks).
+// A tree's Traits names the tile geometry: kBlockQ, kBlockK, kQkChunks, kVRows, kVChunks,
+// kKBytes, kThreads.
 #pragma once
 
-#include "traits.cuh"
+#include "mma_sm80.cuh"
 
 namespace sageattn {
-namespace sm80 {
 
 /// @brief Copy kRows rows of kChunks 16-byte chunks from a contiguous global tile.
 template <int kRows, int kChunks, int kThreads>
@@ -24,12 +25,11 @@ __device__ __forceinline__ void load_q_tile(u32 smem_q, const char* q_block) {
   load_tile_async<T::kBlockQ, T::kQkChunks, T::kThreads>(smem_q, q_block);
 }
 
-/// @brief K (int8) and V (fp16) of one key block into one pipeline stage.
+/// @brief K (int8) and V (the tree's layout) of one key block into one pipeline stage.
 template <class T>
 __device__ __forceinline__ void load_kv_stage(u32 smem_stage, const char* k_block, const char* v_block) {
   load_tile_async<T::kBlockK, T::kQkChunks, T::kThreads>(smem_stage, k_block);
-  load_tile_async<T::kBlockK, T::kVChunks, T::kThreads>(smem_stage + T::kKBytes, v_block);
+  load_tile_async<T::kVRows, T::kVChunks, T::kThreads>(smem_stage + T::kKBytes, v_block);
 }
 
-}  // namespace sm80
 }  // namespace sageattn

@@ -1,18 +1,20 @@
-// Epilogue of the sm80 tree: normalize O by the row sums, write it in the caller's dtype and
-// strides (only the real head-dim columns and query rows), and the natural-log LSE.
+// Epilogue of the mma.sync trees: normalize O by the row sums, apply per-channel V scale and
+// mean (FP8 V) if given, write O in the caller's dtype and strides (only real head-dim columns
+// and query rows), and the natural-log LSE.
 #pragma once
 
-#include "../common/online_softmax.cuh"
-#include "traits.cuh"
+#include "online_softmax.cuh"
 
 namespace sageattn {
-namespace sm80 {
 
+/// `col_scale`/`col_bias` (per output column, null = 1 / 0) undo V's quantization and smoothing;
+/// a row with no visible key is written as zeros, not as the bias.
 template <class T>
 __device__ __forceinline__ void store_output(const AttnParams& p, const float (&o)[T::kOTiles][4],
-                                             const RowStats& st, int b, int h, long long row0, int lane) {
+                                             const RowStats& st, float log2_p_scale, const float* col_scale,
+                                             const float* col_bias, int b, int h, long long row0, int lane) {
   float sum[2], lse[2];
-  finish_rows(st, sum, lse);
+  finish_rows(st, sum, lse, log2_p_scale);
   const bool is_bf16 = p.out_dtype == kDtypeBf16;
   // 4-byte stores need even strides and width; otherwise store element by element.
   const bool paired = (p.out_stride_s % 2 == 0) && (p.out_stride_h % 2 == 0) &&
@@ -22,13 +24,16 @@ __device__ __forceinline__ void store_output(const AttnParams& p, const float (&
   for (int r = 0; r < 2; ++r) {
     const long long row = row0 + 8 * r;
     if (row >= p.seq_q) continue;
-    const float inv = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
+    const bool empty = !(sum[r] > 0.f);
+    const float inv = empty ? 0.f : 1.f / sum[r];
     u16* dst = out + row * p.out_stride_s;
 #pragma unroll
     for (int dc = 0; dc < T::kOTiles; ++dc) {
       const int col = 8 * dc + 2 * (lane % 4);
       if (col >= p.head_dim_out) continue;
-      const float x0 = o[dc][2 * r] * inv, x1 = o[dc][2 * r + 1] * inv;
+      float x0 = o[dc][2 * r] * inv, x1 = o[dc][2 * r + 1] * inv;
+      if (col_scale != nullptr) x0 *= col_scale[col], x1 *= col_scale[col + 1];
+      if (col_bias != nullptr && !empty) x0 += col_bias[col], x1 += col_bias[col + 1];
       const u32 packed = is_bf16 ? pack_bf162(x0, x1) : pack_half2(x0, x1);
       if (paired) {
         *reinterpret_cast<u32*>(dst + col) = packed;
@@ -45,5 +50,4 @@ __device__ __forceinline__ void store_output(const AttnParams& p, const float (&
   }
 }
 
-}  // namespace sm80
 }  // namespace sageattn

@@ -1,0 +1,82 @@
+// O += P V with FP8 E4M3 mma.sync m16n8k32 (SageAttention2 §4: FP8 PV with per-channel V
+// scales). P arrives scaled by 448 (the E4M3 maximum) from the softmax; the quantizer stored
+// V^T with keys in fp8_pv_key_slot order, so the score registers of tiles 4t..4t+3 are the
+// A fragment of 32-key step t as they stand.
+#pragma once
+
+#include "../common/pv_accumulate.cuh"
+#include "traits.cuh"
+
+namespace sageattn {
+namespace sm89 {
+
+/// @brief D(16x8 f32) += A(16x32 e4m3) * B(32x8 e4m3).
+__device__ __forceinline__ void mma_e4m3_m16n8k32_f32acc(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/// @brief D(16x8 f16x2) += A(16x32 e4m3) * B(32x8 e4m3): fp16 accumulation (PTX ISA 8.7+).
+__device__ __forceinline__ void mma_e4m3_m16n8k32_f16acc(u32 (&d)[2], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f16.e4m3.e4m3.f16 {%0,%1}, {%2,%3,%4,%5}, {%6,%7}, {%0,%1};"
+      : "+r"(d[0]), "+r"(d[1])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/// @brief A fragment of 32-key step t: rows lane/4 and lane/4+8, from score tiles 4t..4t+3.
+template <class T>
+__device__ __forceinline__ void p_fragment_e4m3(u32 (&a)[4], const float (&p)[T::kKTiles][4], int t) {
+  a[0] = pack_e4m3x4(p[4 * t][0], p[4 * t][1], p[4 * t + 1][0], p[4 * t + 1][1]);
+  a[1] = pack_e4m3x4(p[4 * t][2], p[4 * t][3], p[4 * t + 1][2], p[4 * t + 1][3]);
+  a[2] = pack_e4m3x4(p[4 * t + 2][0], p[4 * t + 2][1], p[4 * t + 3][0], p[4 * t + 3][1]);
+  a[3] = pack_e4m3x4(p[4 * t + 2][2], p[4 * t + 2][3], p[4 * t + 3][2], p[4 * t + 3][3]);
+}
+
+/// @brief B fragments (b0,b1 of output tiles dc and dc+1) of step t from the V^T tile.
+template <class T>
+__device__ __forceinline__ void vt_fragments(u32 (&b)[4], u32 smem_vt, int t, int dc, int lane) {
+  const int row = 8 * dc + (lane % 8) + 8 * (lane / 16);
+  const int chunk = 2 * t + (lane / 8) % 2;
+  ldmatrix_x4(b, smem_vt + swizzled_chunk<T::kVChunks>(row, chunk) * 16);
+}
+
+template <class T, PvAccum kAccum>
+__device__ __forceinline__ void mma_pv(float (&o)[T::kOTiles][4], const float (&p)[T::kKTiles][4], u32 smem_vt,
+                                       int lane) {
+  float acc32[T::kOTiles][4];
+  u32 acc16[T::kOTiles][2];
+#pragma unroll
+  for (int dc = 0; dc < T::kOTiles; ++dc) {
+    if (kAccum == PvAccum::kBlockFp32) acc32[dc][0] = acc32[dc][1] = acc32[dc][2] = acc32[dc][3] = 0.f;
+    if (kAccum == PvAccum::kBlockFp16) acc16[dc][0] = acc16[dc][1] = 0u;
+  }
+#pragma unroll
+  for (int t = 0; t < T::kBlockK / 32; ++t) {
+    u32 a[4];
+    p_fragment_e4m3<T>(a, p, t);
+#pragma unroll
+    for (int dc = 0; dc < T::kOTiles; dc += 2) {
+      u32 b[4];
+      vt_fragments<T>(b, smem_vt, t, dc, lane);
+      if (kAccum == PvAccum::kBlockFp16) {
+        mma_e4m3_m16n8k32_f16acc(acc16[dc], a, b[0], b[1]);
+        mma_e4m3_m16n8k32_f16acc(acc16[dc + 1], a, b[2], b[3]);
+      } else if (kAccum == PvAccum::kBlockFp32) {
+        mma_e4m3_m16n8k32_f32acc(acc32[dc], a, b[0], b[1]);
+        mma_e4m3_m16n8k32_f32acc(acc32[dc + 1], a, b[2], b[3]);
+      } else {
+        mma_e4m3_m16n8k32_f32acc(o[dc], a, b[0], b[1]);
+        mma_e4m3_m16n8k32_f32acc(o[dc + 1], a, b[2], b[3]);
+      }
+    }
+  }
+  if (kAccum == PvAccum::kBlockFp32) add_block<T::kOTiles>(o, acc32);
+  if (kAccum == PvAccum::kBlockFp16) add_block<T::kOTiles>(o, acc16);
+}
+
+}  // namespace sm89
+}  // namespace sageattn
