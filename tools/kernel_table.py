@@ -18,6 +18,8 @@ class Kernel:
     params: str          # struct in kernels/common/params.h
     call: str            # C++ expression run by the wrapper, with `p` the params
     threads: int
+    min_blocks: int = 1  # __launch_bounds__ minimum CTAs per SM (caps registers)
+    q_rows: int = 0      # attention: query rows per CTA (grid.x = q_blocks * 128 / q_rows)
     smem: int = 0        # dynamic shared memory bytes (static_assert-ed against the traits)
     smem_expr: str = ""  # C++ constant expression that must equal `smem`
     head_dim: int = 0
@@ -45,11 +47,36 @@ def _sm80_kernels():
     # "fp32": fp32 MMA accumulation; "fp16+fp32": fp16 inside a key block, fp32 across blocks.
     for acc_tag, acc, cxx in (("acc32", "fp32", "kDirect"), ("acc16x32", "fp16+fp32", "kBlockFp16")):
         for hd in (64, 128):
-            smem = 512 * hd  # Q tile 128*hd int8 + 2 stages of (K 64*hd int8 + V 64*hd fp16)
+            # 4 warps x 16 rows, 2 CTAs per SM (NOTES.md: +11-20% over 8 warps x 16 rows, 1 CTA).
+            smem = 448 * hd  # Q tile 64*hd int8 + 2 stages of (K 64*hd int8 + V 64*hd fp16)
             rows.append(Kernel(
                 f"sm80_qkint8_pvfp16_{acc_tag}_hd{hd}", "attention", "AttnParams",
-                f"sageattn::sm80::attention<{hd}, sageattn::PvAccum::{cxx}>(p)", threads=256,
-                smem=smem, smem_expr=f"sageattn::sm80::Traits<{hd}>::kSmemBytes",
+                f"sageattn::sm80::attention<{hd}, sageattn::PvAccum::{cxx}>(p)", threads=128,
+                min_blocks=2, q_rows=64, smem=smem, smem_expr=f"sageattn::sm80::Traits<{hd}>::kSmemBytes",
+                head_dim=hd, pv_accum=acc))
+    return tuple(rows)
+
+
+def _sm89_kernels():
+    rows = [
+        Kernel("sm89_channel_stats", "channel_stats", "ChannelStatsParams",
+               "sageattn::channel_stats(p)", threads=256),
+    ]
+    for hd in (64, 128):
+        rows.append(Kernel(
+            f"sm89_quantize_qk_int8_v_fp8_hd{hd}", "quantize", "QuantParams",
+            f"sageattn::quantize_qk_int8_v_fp8<{hd}>(p)", threads=256, head_dim=hd))
+    # "fp32": FP8 MMA straight into O; "fp32+fp32": per-block fp32 accumulator added to O
+    # (two-level); "fp32+fp16": per-block fp16 accumulator (SageAttention2++).
+    for acc_tag, acc, cxx in (("acc32", "fp32", "kDirect"), ("acc32x32", "fp32+fp32", "kBlockFp32"),
+                              ("acc16x32", "fp32+fp16", "kBlockFp16")):
+        for hd in (64, 128):
+            rows.append(Kernel(
+                f"sm89_qkint8_pvfp8_{acc_tag}_hd{hd}", "attention", "AttnParams",
+                f"sageattn::sm89::attention<{hd}, sageattn::PvAccum::{cxx}>(p)", threads=128,
+                min_blocks=2, q_rows=64,
+                smem=320 * hd,  # Q 64*hd int8 + 2 stages of (K 64*hd int8 + V^T hd*64 e4m3)
+                smem_expr=f"sageattn::sm89::Traits<{hd}>::kSmemBytes",
                 head_dim=hd, pv_accum=acc))
     return tuple(rows)
 
@@ -58,4 +85,9 @@ TREES = (
     Tree("sm80", "sm80/kernel.cuh",
          sass=("sm_80", "sm_86", "sm_89", "sm_90", "sm_120"), ptx=("compute_80",),
          kernels=_sm80_kernels()),
+    # mma.sync e4m3 is native (QMMA) on sm_89 and sm_120, emulated with HMMA on sm_90 (tests
+    # only). Plain sm_120 SASS also runs on sm_121; no arch-specific (a) features are used.
+    Tree("sm89", "sm89/kernel.cuh",
+         sass=("sm_89", "sm_90", "sm_120"), ptx=("compute_89",),
+         kernels=_sm89_kernels()),
 )

@@ -30,6 +30,7 @@ struct ChannelStatsParams {
   int _pad0;
 };
 static_assert(sizeof(ChannelStatsParams) == 88, "ABI");
+#if !defined(__CUDACC_RTC__)
 static_assert(__builtin_offsetof(ChannelStatsParams, src) == 0, "ABI");
 static_assert(__builtin_offsetof(ChannelStatsParams, src_stride_b) == 8, "ABI");
 static_assert(__builtin_offsetof(ChannelStatsParams, src_stride_h) == 16, "ABI");
@@ -45,6 +46,7 @@ static_assert(__builtin_offsetof(ChannelStatsParams, head_dim_padded) == 72, "AB
 static_assert(__builtin_offsetof(ChannelStatsParams, in_dtype) == 76, "ABI");
 static_assert(__builtin_offsetof(ChannelStatsParams, vectorized) == 80, "ABI");
 static_assert(__builtin_offsetof(ChannelStatsParams, _pad0) == 84, "ABI");
+#endif
 
 struct QuantParams {
   unsigned long long q;
@@ -91,6 +93,7 @@ struct QuantParams {
   int _pad0;
 };
 static_assert(sizeof(QuantParams) == 264, "ABI");
+#if !defined(__CUDACC_RTC__)
 static_assert(__builtin_offsetof(QuantParams, q) == 0, "ABI");
 static_assert(__builtin_offsetof(QuantParams, q_stride_b) == 8, "ABI");
 static_assert(__builtin_offsetof(QuantParams, q_stride_h) == 16, "ABI");
@@ -133,6 +136,7 @@ static_assert(__builtin_offsetof(QuantParams, v_min) == 240, "ABI");
 static_assert(__builtin_offsetof(QuantParams, v_max) == 248, "ABI");
 static_assert(__builtin_offsetof(QuantParams, v_scale_max) == 256, "ABI");
 static_assert(__builtin_offsetof(QuantParams, _pad0) == 260, "ABI");
+#endif
 
 struct AttnParams {
   unsigned long long q_int8;
@@ -161,6 +165,7 @@ struct AttnParams {
   unsigned long long v_mean;
 };
 static_assert(sizeof(AttnParams) == 152, "ABI");
+#if !defined(__CUDACC_RTC__)
 static_assert(__builtin_offsetof(AttnParams, q_int8) == 0, "ABI");
 static_assert(__builtin_offsetof(AttnParams, q_scale) == 8, "ABI");
 static_assert(__builtin_offsetof(AttnParams, k_int8) == 16, "ABI");
@@ -185,5 +190,6 @@ static_assert(__builtin_offsetof(AttnParams, causal) == 128, "ABI");
 static_assert(__builtin_offsetof(AttnParams, out_dtype) == 132, "ABI");
 static_assert(__builtin_offsetof(AttnParams, v_scale) == 136, "ABI");
 static_assert(__builtin_offsetof(AttnParams, v_mean) == 144, "ABI");
+#endif
 
 }  // namespace sageattn

@@ -10,13 +10,13 @@ template <int kHeadDim_>
 struct Traits {
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "native head dims");
-  // 128 query rows per CTA, 16 per warp: one m16 tile each, so a warp's O accumulator is
-  // 16 x kHeadDim fp32 (64 registers at 128) and K/V tiles are shared by 8 warps.
-  static constexpr int kBlockQ = kQBlockRows;
+  // 16 query rows per warp (one m16 tile: O is 16 x kHeadDim fp32, 64 registers at 128),
+  // 4 warps per CTA.
+  static constexpr int kBlockQ = 64;  // half a quantizer Q block: two CTAs per SM interleave
   static constexpr int kBlockK = kKBlockRows;
-  static constexpr int kWarps = 8;
+  static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kStages = 2;  // double-buffered K/V: load block i+1 while computing i
+  static constexpr int kStages = 2;  // 3 stages measured no faster (NOTES.md)
 
   static constexpr int kQkChunks = kHeadDim / 16;  // 16-byte chunks per int8 row
   static constexpr int kVRows = kBlockK;           // V tile: keys x head dim, fp16

@@ -136,9 +136,12 @@ def render_header() -> str:
             out.append(f"  {_C_TYPES[ctype]} {name};")
         out.append("};")
         out.append(f"static_assert(sizeof({struct.__name__}) == {ctypes.sizeof(struct)}, \"ABI\");")
+        # NVRTC has no offsetof; nvcc and the host compiler check the offsets.
+        out.append("#if !defined(__CUDACC_RTC__)")
         for name, _ in struct._fields_:
             off = getattr(struct, name).offset
             out.append(f"static_assert(__builtin_offsetof({struct.__name__}, {name}) == {off}, \"ABI\");")
+        out.append("#endif")
         out.append("")
     out.append("}  // namespace sageattn")
     out.append("")

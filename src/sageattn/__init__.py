@@ -1,0 +1,42 @@
+"""sageattn: quantized attention (the SageAttention algorithms) from ahead-of-time compiled
+kernels.
+
+``import sageattn`` touches no GPU and imports neither triton nor the compiled host layer;
+kernels load on first use, per device. ``python -m sageattn`` prints what this installation
+carries and checks it.
+"""
+
+from .api import sageattn, sageattn_qk_int8_pv_fp16_cuda
+from .dispatch import PathUnavailableError, UnsupportedDeviceError, explain
+from ._loader import PackageError, build_info
+
+__all__ = [
+    "sageattn", "sageattn_qk_int8_pv_fp16_cuda", "explain", "build_info", "preload",
+    "UnsupportedDeviceError", "PathUnavailableError", "PackageError", "__version__",
+]
+
+
+def preload(device=None, path=None) -> None:
+    """Load the kernels a call on ``device`` would use now, rather than on the first call
+    (loading reads memory back from the GPU, which a CUDA graph capture does not allow)."""
+    from . import _loader, dispatch
+
+    index = dispatch._device_index(device)
+    if index is None:
+        raise UnsupportedDeviceError("no CUDA device is available to preload kernels on")
+    _loader.preload(dispatch.resolve(index, path).tree, index)
+
+
+def __getattr__(name):
+    # The version comes from the installed distribution (sageattn-cu128, sageattn-cu130, ...);
+    # looked up lazily because scanning distributions costs import time.
+    if name == "__version__":
+        from importlib import metadata
+
+        for dist in metadata.packages_distributions().get("sageattn", ()):
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        return "0+unknown"
+    raise AttributeError(f"module 'sageattn' has no attribute {name!r}")

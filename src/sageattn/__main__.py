@@ -1,0 +1,108 @@
+"""``python -m sageattn``: what this installation carries, what runs here, and a quick check.
+
+On a GPU: the probe, a correctness check against the exact reference (rel-L1, cosine) and one
+speed comparison with torch SDPA. Without a GPU: the probe, then the sm80 emulator against
+the reference on the CPU. Exit status 0 when every check passes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+import sageattn
+from sageattn import emulate, reference
+
+# Loose bounds for a self-test; the strict acceptance bounds live in tests/gpu.
+_MAX_REL_L1 = 0.02
+_MIN_COS = 0.999
+
+
+def _inputs(B, H, S, D, dtype, device, seed=0):
+    """Random q, k, v with an outlier bias per K channel (as in real DiT/LLM activations)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+    k = k + 4 * torch.randn(B, H, 1, D, generator=g)
+    return tuple(x.to(device=device, dtype=dtype) for x in (q, k, v))
+
+
+def _check(label, out, q, k, v, causal) -> bool:
+    ref = reference.attention(q, k, v, is_causal=causal)
+    m = reference.compare(out, ref)
+    ok = m["finite"] and m["rel_l1"] <= _MAX_REL_L1 and m["cos"] >= _MIN_COS
+    print(f"  {label:<28} causal={causal!s:<5}  rel-L1 {m['rel_l1']:.5f}  cos {m['cos']:.6f}  "
+          f"max|err| {m['max_abs']:.4f}  {'ok' if ok else 'FAIL'}")
+    return ok
+
+
+def _time_ms(fn, warmup=5, iters=20) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def _gpu(report) -> bool:
+    ok = True
+    print("\ncorrectness (B=1, H=8, S=2048, D=128, bf16, K outliers) vs fp32 reference:")
+    q, k, v = _inputs(1, 8, 2048, 128, torch.bfloat16, "cuda")
+    for causal in (False, True):
+        ok &= _check(f"sageattn ({report['path']})", sageattn.sageattn(q, k, v, is_causal=causal),
+                     q, k, v, causal)
+        ok &= _check("torch SDPA",
+                     torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                     q, k, v, causal)
+    B, H, S, D = 2, 16, 4096, 128
+    print(f"\nspeed (B={B}, H={H}, S={S}, D={D}, bf16, non-causal; median of CUDA events):")
+    q, k, v = _inputs(B, H, S, D, torch.bfloat16, "cuda", seed=1)
+    flops = 4 * B * H * S * S * D
+    for label, fn in (
+            ("sageattn", lambda: sageattn.sageattn(q, k, v)),
+            ("torch SDPA", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))):
+        ms = _time_ms(fn)
+        print(f"  {label:<12} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TOPS")
+    return ok
+
+
+def _cpu() -> bool:
+    print("\nno GPU here: the sm80 emulator against the fp32 reference on the CPU "
+          "(B=1, H=2, S=512, D=128, bf16, K outliers):")
+    q, k, v = _inputs(1, 2, 512, 128, torch.bfloat16, "cpu")
+    ok = True
+    for causal in (False, True):
+        start = time.perf_counter()
+        out = emulate.sm80_attention(q, k, v, is_causal=causal)
+        ok &= _check(f"emulator ({time.perf_counter() - start:.2f} s)", out, q, k, v, causal)
+    return ok
+
+
+def main() -> int:
+    info = sageattn.build_info()
+    print(f"sageattn {sageattn.__version__}  torch {torch.__version__}  "
+          f"(torch CUDA {torch.version.cuda or 'none'})")
+    report = sageattn.explain()
+    print(report)
+    if report["device"] is None:
+        return 0 if _cpu() else 1
+    if report["path"] is None or info["error"]:
+        print("\nno path runs on this device; see the reason above")
+        return 1
+    try:
+        return 0 if _gpu(report) else 1
+    except Exception as exc:  # report a broken installation instead of a traceback wall
+        print(f"\nFAILED: {type(exc).__name__}: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

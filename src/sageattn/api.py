@@ -1,0 +1,199 @@
+"""The public entry points. Arguments are validated here, once, for every path.
+
+Every check is a shape/dtype/stride test that ``torch.compile`` can trace; device queries
+and kernel loading happen later, inside the op (see ``ops.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from . import ops
+from .dispatch import PATHS
+
+__all__ = ["sageattn", "sageattn_qk_int8_pv_fp16_cuda"]
+
+_DTYPES = (torch.float16, torch.bfloat16)
+_LAYOUTS = ("HND", "NHD")
+_GRANULARITIES = ("per_thread", "per_warp")
+_PV_ACCUM_SM80 = ("fp32", "fp16+fp32")
+_MAX_HEAD_DIM = 128
+# The kernels keep sequence lengths and block counts in int32 fields.
+_MAX_SEQ = 2**31 - 1 - 128
+
+
+def _check_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _validate(q, k, v, tensor_layout, is_causal, sm_scale, return_lse) -> float:
+    """Check the arguments shared by every entry point; return the resolved sm_scale."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.device.type != "cuda":
+            raise ValueError(
+                f"{name} is on {x.device}, but sageattn runs on CUDA devices only; for "
+                f"{x.device.type} tensors use torch.nn.functional.scaled_dot_product_attention, "
+                "or sageattn.emulate.sm80_attention to emulate the quantized path")
+    for name, x in (("k", k), ("v", v)):
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; q, k and v "
+                             "must be on the same device")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; sageattn takes torch.float16 or "
+                            f"torch.bfloat16 (cast with {name}.to(torch.bfloat16))")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; q, k and v must "
+                            "share one dtype")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions (B, H, S, D) or (B, S, H, D), got "
+                             f"shape {tuple(x.shape)}")
+    if not isinstance(tensor_layout, str) or tensor_layout not in _LAYOUTS:
+        raise ValueError(f"tensor_layout must be 'HND' (B, H, S, D) or 'NHD' (B, S, H, D), "
+                         f"got {tensor_layout!r}")
+    _check_flag("is_causal", is_causal)
+    _check_flag("return_lse", return_lse)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.stride(-1) != 1 and x.shape[-1] != 1:
+            raise ValueError(f"{name} must have a contiguous last (head) dimension, got strides "
+                             f"{tuple(x.stride())}; pass {name}.contiguous()")
+    order = "(B, H, S, D)" if tensor_layout == "HND" else "(B, S, H, D)"
+    s_dim, h_dim = (2, 1) if tensor_layout == "HND" else (1, 2)
+    B, Hq, Sq, D = q.shape[0], q.shape[h_dim], q.shape[s_dim], q.shape[3]
+    for name, x in (("k", k), ("v", v)):
+        if x.shape[3] != D:
+            raise ValueError(f"{name} has head dim {x.shape[3]} but q has {D}; q, k and v must "
+                             "share the head dim")
+    if not 1 <= D <= _MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} (last dim of q) is not supported yet: sageattn takes "
+                         f"1..{_MAX_HEAD_DIM}; use "
+                         "torch.nn.functional.scaled_dot_product_attention")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape[0] != B:
+            raise ValueError(f"{name} has batch {x.shape[0]} but q has {B}")
+    Hkv, Sk = k.shape[h_dim], k.shape[s_dim]
+    if v.shape[h_dim] != Hkv:
+        raise ValueError(f"v has {v.shape[h_dim]} heads but k has {Hkv} (layout "
+                         f"{tensor_layout} {order})")
+    if v.shape[s_dim] != Sk:
+        raise ValueError(f"v has sequence length {v.shape[s_dim]} but k has {Sk} (layout "
+                         f"{tensor_layout} {order})")
+    if B < 1 or Hq < 1 or Hkv < 1:
+        raise ValueError(f"batch and head counts must be >= 1, got q {tuple(q.shape)} and k "
+                         f"{tuple(k.shape)} (layout {tensor_layout} {order})")
+    if Hq % Hkv != 0:
+        raise ValueError(f"q has {Hq} heads, which is not a multiple of k's {Hkv} heads "
+                         f"(GQA/MQA need Hkv to divide Hq; layout {tensor_layout} {order})")
+    for name, s in (("q", Sq), ("k", Sk)):
+        if not 1 <= s <= _MAX_SEQ:
+            raise ValueError(f"{name} has sequence length {s}; sageattn takes 1..{_MAX_SEQ} "
+                             f"(layout {tensor_layout} {order})")
+    if sm_scale is None:
+        scale = D ** -0.5
+    else:
+        if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
+            raise TypeError(f"sm_scale must be a float or None, got {sm_scale!r}")
+        scale = float(sm_scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"sm_scale must be finite, got {sm_scale!r}")
+    if torch.is_grad_enabled():
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.requires_grad:
+                raise ValueError(
+                    f"{name} requires grad, but sageattn is inference-only (it has no "
+                    "backward and will not return a result cut off from autograd); call it "
+                    "under torch.no_grad() or torch.inference_mode(), or pass detached "
+                    "tensors")
+    return scale
+
+
+def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False,
+             sm_scale: Optional[float] = None, return_lse: bool = False,
+             path: Optional[str] = None):
+    """Quantized attention ``softmax(q k^T * sm_scale) v`` with the best path for the device.
+
+    Args:
+        q: (B, Hq, Sq, D) for ``tensor_layout="HND"`` or (B, Sq, Hq, D) for "NHD".
+        k, v: (B, Hkv, Sk, D) / (B, Sk, Hkv, D); ``Hkv`` divides ``Hq`` (GQA/MQA: query
+            head h reads kv head ``h // (Hq // Hkv)``). fp16 or bf16, one dtype for all three,
+            on one CUDA device; any strides with a contiguous last dim. D in 1..128.
+        is_causal: mask key j for query i when ``j > i + (Sk - Sq)``: bottom-right
+            alignment (FlashAttention's, the KV-cache convention), equal to torch's
+            top-left ``is_causal`` when ``Sq == Sk``. Query rows that see no key (only when
+            ``Sq > Sk``) return zeros and LSE ``-inf``.
+        sm_scale: defaults to ``D ** -0.5``.
+        return_lse: also return the natural-log LSE of the scaled scores, fp32
+            (B, Hq, Sq), exact for the unsmoothed scores (ready for ring/sequence-parallel
+            merges).
+        path: force a path ("sm80", ...; default: ``$SAGEATTN_PATH`` or the dispatch
+            table). ``sageattn.explain()`` says which path runs and why.
+
+    Returns:
+        The output in q's dtype and layout, contiguous in that layout (and the LSE).
+        Inputs are never modified. Inference only: inputs that require grad raise.
+    """
+    scale = _validate(q, k, v, tensor_layout, is_causal, sm_scale, return_lse)
+    if path is not None and (not isinstance(path, str) or (path != "auto" and path not in PATHS)):
+        raise ValueError(f"path must be None, 'auto' or one of {', '.join(map(repr, PATHS))}; "
+                         f"got {path!r}")
+    out, lse = ops.attention(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal,
+                             sm_scale=scale, return_lse=return_lse, path=path)
+    return (out, lse) if return_lse else out
+
+
+def sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout: str = "HND", is_causal: bool = False,
+                                  qk_quant_gran: str = "per_thread",
+                                  sm_scale: Optional[float] = None,
+                                  pv_accum_dtype: str = "fp32", smooth_k: bool = True,
+                                  return_lse: bool = False, *, smooth_v: bool = False):
+    """The sm80 path by name: INT8 Q/K (``qk_quant_gran``), FP16 P and V.
+
+    Takes the arguments of ``sageattn`` (same shapes, layouts, causal alignment, LSE) plus:
+        qk_quant_gran: "per_thread" (each thread's fragment rows/columns share a scale) or
+            "per_warp" (a warp's 16 rows / a 64-key block share one).
+        pv_accum_dtype: "fp32" (fp32 accumulation) or "fp16+fp32" (fp16 inside a 64-key
+            block, fp32 across blocks; faster on some GPUs, but one block's partial sum
+            overflows fp16 when ``64 * max|v|`` exceeds 65504, so keep |v| below ~1000).
+            Plain "fp16" is not offered.
+        smooth_k: subtract K's per-channel mean before quantizing (softmax is unchanged;
+            the LSE is corrected back).
+        smooth_v: accepted for compatibility; only False (it belongs to the "fp16" mode).
+    """
+    scale = _validate(q, k, v, tensor_layout, is_causal, sm_scale, return_lse)
+    _check_choice("qk_quant_gran", qk_quant_gran, _GRANULARITIES)
+    if pv_accum_dtype == "fp16":
+        raise ValueError("pv_accum_dtype='fp16' is not offered: accumulating P.V in fp16 "
+                         "across the whole key sequence overflows (black/NaN frames); use "
+                         "'fp32' (default) or 'fp16+fp32'")
+    _check_choice("pv_accum_dtype", pv_accum_dtype, _PV_ACCUM_SM80)
+    _check_flag("smooth_k", smooth_k)
+    _check_flag("smooth_v", smooth_v)
+    if smooth_v:
+        raise ValueError("smooth_v=True is not offered: it serves only pv_accum_dtype='fp16', "
+                         "which overflows; the offered modes need no V smoothing")
+    out, lse = ops.attention(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal,
+                             sm_scale=scale, return_lse=return_lse, path="sm80",
+                             entry="sageattn_qk_int8_pv_fp16_cuda", qk_quant_gran=qk_quant_gran,
+                             pv_accum_dtype=pv_accum_dtype, smooth_k=smooth_k)
+    return (out, lse) if return_lse else out

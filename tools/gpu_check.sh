@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The GPU check, run from the repository root on the GPU machine (no internet; torch, nanobind,
+# scikit-build-core, cmake, ninja, pytest and triton already installed):
+#
+#   bash tools/gpu_check.sh                 # build + install this tree, then check
+#   bash tools/gpu_check.sh dist/X.whl      # install a prebuilt wheel instead
+#   bash tools/gpu_check.sh --no-install    # use whatever sageattn is installed
+#
+# Steps: install, `python -m sageattn`, `pytest -m gpu -s tests/gpu`, bench/bench_sm80.py.
+# Logs go to $OUT (or ./gpu_check_out); a short table of the steps and the headline numbers is
+# printed last. Environment: SAGEATTN_CUDA_ARCHS narrows the build (e.g. 90), STEPS picks steps
+# ("install probe tests bench"), BENCH_ARGS passes arguments to the benchmark, PYTEST_ARGS to
+# pytest. Exit status: 0 when every step ran and passed.
+set -uo pipefail
+
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+STEPS="${STEPS:-install probe tests bench}"
+ARG="${1:-}"
+
+declare -a NAMES RCS SECS
+run_step() {  # run_step NAME LOGFILE CMD...
+  local name="$1" log="$2"
+  shift 2
+  local start=$SECONDS
+  echo "=== $name: $*" | tee "$log"
+  "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  NAMES+=("$name")
+  RCS+=("$rc")
+  SECS+=("$((SECONDS - start))")
+  echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$log"
+  return "$rc"
+}
+
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+
+if want install && [[ "$ARG" != "--no-install" ]]; then
+  if [[ -n "$ARG" && -f "$ARG" ]]; then
+    run_step install "$OUT/install.log" "$PY" -m pip install --no-deps --force-reinstall "$ARG"
+  else
+    run_step install "$OUT/install.log" \
+      "$PY" -m pip install -v --no-build-isolation --no-deps --force-reinstall .
+  fi || STEPS="none"   # nothing else can run without the package
+fi
+
+# Run everything from a scratch directory so `import sageattn` finds the installed package,
+# never the source tree.
+ROOT="$PWD"
+cd "$(mktemp -d)" || exit 1
+
+if want probe; then
+  run_step probe "$OUT/probe.log" "$PY" -m sageattn
+fi
+if want tests; then
+  # shellcheck disable=SC2086
+  export SAGEATTN_GPU_SUMMARY="$OUT/gpu_errors.md"
+  run_step tests "$OUT/pytest_gpu.log" \
+    "$PY" -m pytest -m gpu -q -s -p no:cacheprovider ${PYTEST_ARGS:-} "$ROOT/tests/gpu"
+fi
+if want bench; then
+  # shellcheck disable=SC2086
+  run_step bench "$OUT/bench.log" "$PY" "$ROOT/bench/bench_sm80.py" --out "$OUT/bench.md" \
+    ${BENCH_ARGS:-}
+fi
+
+echo
+echo "================ sageattn GPU check ================"
+if [[ -f "$OUT/probe.log" ]]; then
+  grep -E "^ *(device|path|runs_as|kernel|toolkit):" "$OUT/probe.log" | head -6
+fi
+if [[ -f "$OUT/pytest_gpu.log" ]]; then
+  grep -E "^ACCEPT" "$OUT/pytest_gpu.log"
+  grep -E "(passed|failed|error)" "$OUT/pytest_gpu.log" | tail -1
+fi
+if [[ -f "$OUT/bench.md" ]]; then
+  cat "$OUT/bench.md"
+fi
+echo
+printf '| %-8s | %-6s | %6s |\n' step status seconds
+printf '|----------|--------|--------|\n'
+status=0
+for i in "${!NAMES[@]}"; do
+  if [[ "${RCS[$i]}" == 0 ]]; then s=ok; else s="FAIL"; status=1; fi
+  printf '| %-8s | %-6s | %6s |\n' "${NAMES[$i]}" "$s" "${SECS[$i]}"
+done
+echo "logs: $OUT"
+exit "$status"
