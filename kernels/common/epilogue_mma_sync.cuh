@@ -7,33 +7,46 @@
 
 namespace sageattn {
 
+/// Where one (b, h) sequence's results go: `out` and `lse` point at its row 0 (lse may be null),
+/// `lse_correction` at its K-smoothing correction row 0 (or null); rows >= `len` are not written.
+struct OutputRows {
+  u16* out;
+  long long out_stride_s;
+  float* lse;
+  const float* lse_correction;
+  int len;
+};
+
 /// `col_scale`/`col_bias` (per output column, null = 1 / 0) undo V's quantization and smoothing;
-/// a row with no visible key is written as zeros, not as the bias.
+/// a row with no visible key is written as zeros (LSE -inf), not as the bias.
 template <class T>
-__device__ __forceinline__ void store_output(const AttnParams& p, const float (&o)[T::kOTiles][4],
-                                             const RowStats& st, float log2_p_scale, const float* col_scale,
-                                             const float* col_bias, int b, int h, long long row0, int lane) {
+__device__ __forceinline__ void store_output(const AttnParams& p, const OutputRows& dst_rows,
+                                             const float (&o)[T::kOTiles][4], const RowStats& st,
+                                             float log2_p_scale, const float* col_scale, const float* col_bias,
+                                             int row0, int lane) {
   float sum[2], lse[2];
   finish_rows(st, sum, lse, log2_p_scale);
   const bool is_bf16 = p.out_dtype == kDtypeBf16;
-  // 4-byte stores need even strides and width; otherwise store element by element.
-  const bool paired = (p.out_stride_s % 2 == 0) && (p.out_stride_h % 2 == 0) &&
-                      (p.out_stride_b % 2 == 0) && (p.head_dim_out % 2 == 0);
-  u16* out = reinterpret_cast<u16*>(p.out) + b * p.out_stride_b + h * p.out_stride_h;
+  // 4-byte stores need an even row stride and width (torch's allocation is 16-byte aligned).
+  const bool paired = (dst_rows.out_stride_s % 2 == 0) && (p.head_dim_out % 2 == 0) &&
+                      (reinterpret_cast<unsigned long long>(dst_rows.out) % 4 == 0);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const long long row = row0 + 8 * r;
-    if (row >= p.seq_q) continue;
+    const int row = row0 + 8 * r;
+    if (row >= dst_rows.len) continue;
     const bool empty = !(sum[r] > 0.f);
     const float inv = empty ? 0.f : 1.f / sum[r];
-    u16* dst = out + row * p.out_stride_s;
+    u16* dst = dst_rows.out + row * dst_rows.out_stride_s;
 #pragma unroll
     for (int dc = 0; dc < T::kOTiles; ++dc) {
       const int col = 8 * dc + 2 * (lane % 4);
       if (col >= p.head_dim_out) continue;
-      float x0 = o[dc][2 * r] * inv, x1 = o[dc][2 * r + 1] * inv;
-      if (col_scale != nullptr) x0 *= col_scale[col], x1 *= col_scale[col + 1];
-      if (col_bias != nullptr && !empty) x0 += col_bias[col], x1 += col_bias[col + 1];
+      float x0 = 0.f, x1 = 0.f;
+      if (!empty) {
+        x0 = o[dc][2 * r] * inv, x1 = o[dc][2 * r + 1] * inv;
+        if (col_scale != nullptr) x0 *= col_scale[col], x1 *= col_scale[col + 1];
+        if (col_bias != nullptr) x0 += col_bias[col], x1 += col_bias[col + 1];
+      }
       const u32 packed = is_bf16 ? pack_bf162(x0, x1) : pack_half2(x0, x1);
       if (paired) {
         *reinterpret_cast<u32*>(dst + col) = packed;
@@ -42,11 +55,8 @@ __device__ __forceinline__ void store_output(const AttnParams& p, const float (&
         if (col + 1 < p.head_dim_out) dst[col + 1] = static_cast<u16>(packed >> 16);
       }
     }
-    if (p.lse != 0 && lane % 4 == 0) {
-      const long long i = (static_cast<long long>(b) * p.heads_q + h) * p.seq_q + row;
-      const float corr = p.lse_correction != 0 ? reinterpret_cast<const float*>(p.lse_correction)[i] : 0.f;
-      reinterpret_cast<float*>(p.lse)[i] = lse[r] + corr;
-    }
+    if (dst_rows.lse != nullptr && lane % 4 == 0)
+      dst_rows.lse[row] = lse[r] + (dst_rows.lse_correction != nullptr ? dst_rows.lse_correction[row] : 0.f);
   }
 }
 

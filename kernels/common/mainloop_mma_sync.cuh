@@ -15,6 +15,13 @@
 
 namespace sageattn {
 
+/// @brief The next key block at or after `kb` that the block mask keeps (n_blocks if none).
+__device__ __forceinline__ int next_kept_block(const signed char* mask_row, long long stride_k, int kb, int n_blocks) {
+  if (mask_row == nullptr) return kb;
+  while (kb < n_blocks && mask_row[kb * stride_k] == 0) ++kb;
+  return kb;
+}
+
 /// Grid (q_blocks * 128 / T::kBlockQ, Hq, B), T::kThreads threads, T::kSmemBytes dynamic shared memory.
 template <class T, class Pv>
 __device__ __forceinline__ void attention_mma_sync(const AttnParams& p) {
@@ -29,20 +36,28 @@ __device__ __forceinline__ void attention_mma_sync(const AttnParams& p) {
   const int slot_warp = (cta % kQSplit) * T::kWarps + warp;          // warp index within it
   const int h = blockIdx.y, b = blockIdx.z;
   const int hkv = h / (p.heads_q / p.heads_kv);
-  const long long q0 = static_cast<long long>(cta) * T::kBlockQ;
-  const long long row0 = q0 + warp * 16 + lane / 4;  // the thread's first row (second: +8)
+  const SeqSpan q_span = seq_span(p.cu_seqlens_q, b, p.seq_q);
+  const SeqSpan k_span = seq_span(p.cu_seqlens_k, b, p.seq_k);
+  const int q0 = cta * T::kBlockQ;
+  if (q0 >= q_span.len) return;  // past this (varlen) sequence's end: nothing to write
+  const int row0 = q0 + warp * 16 + lane / 4;  // the thread's first row (second: +8)
 
-  // Key blocks this query block can see, and from which one masking is needed.
-  int n_blocks = p.k_blocks;
-  long long first_masked = p.seq_k / T::kBlockK;  // a partial last block needs the seq_k mask
+  // Key blocks this query block can see, and from which one masking is needed. Varlen causal is
+  // bottom-right per sequence.
+  const long long causal_offset = p.cu_seqlens_q != 0 ? k_span.len - q_span.len : p.causal_offset;
+  int n_blocks = (k_span.len + T::kBlockK - 1) / T::kBlockK;
+  long long first_masked = k_span.len / T::kBlockK;  // a partial last block needs the length mask
   if (p.causal) {
-    const long long last_visible = q0 + T::kBlockQ - 1 + p.causal_offset;
-    n_blocks = last_visible < 0 ? 0
-                                : static_cast<int>(min(static_cast<long long>(p.k_blocks), last_visible / T::kBlockK + 1));
-    const long long first_row_limit = q0 + p.causal_offset;  // keys above it are masked for row q0
+    const long long last_visible = q0 + T::kBlockQ - 1 + causal_offset;
+    n_blocks = last_visible < 0 ? 0 : static_cast<int>(min(static_cast<long long>(n_blocks), last_visible / T::kBlockK + 1));
+    const long long first_row_limit = q0 + causal_offset;  // keys above it are masked for row q0
     const long long diag = first_row_limit < 0 ? 0 : (first_row_limit + 1) / T::kBlockK;
     first_masked = min(first_masked, diag);
   }
+  const signed char* mask_row =
+      p.block_mask == 0 ? nullptr
+                        : reinterpret_cast<const signed char*>(p.block_mask) + b * p.mask_stride_b +
+                              h * p.mask_stride_h + qb * p.mask_stride_q;
 
   const long long bhq = static_cast<long long>(b) * p.heads_q + h;
   const long long bhk = static_cast<long long>(b) * p.heads_kv + hkv;
@@ -62,41 +77,62 @@ __device__ __forceinline__ void attention_mma_sync(const AttnParams& p) {
     for (int e = 0; e < 4; ++e) o[dc][e] = 0.f;
   RowStats st;
 
-  // kStages-deep cp.async pipeline: block i's copies form commit group i (Q joins group 0);
-  // every iteration commits one group, empty past the last block, so the counts stay uniform.
-  const auto load_block = [&](int i) {
-    if (i < n_blocks)
-      load_kv_stage<T>(smem_kv + (i % T::kStages) * T::kStageBytes, k_head + static_cast<long long>(i) * T::kKBytes,
-                       v_head + static_cast<long long>(i) * T::kVBytes);
+  // kStages-deep cp.async pipeline over the kept key blocks: the i-th kept block's copies form
+  // commit group i (Q joins group 0); every iteration commits one group, empty past the last
+  // block, so the counts stay uniform. Skipped (masked-out) blocks cost one mask byte each.
+  int load_kb = next_kept_block(mask_row, p.mask_stride_k, 0, n_blocks);
+  int loads_issued = 0;
+  const auto load_next = [&]() {
+    if (load_kb < n_blocks) {
+      load_kv_stage<T>(smem_kv + (loads_issued % T::kStages) * T::kStageBytes,
+                       k_head + static_cast<long long>(load_kb) * T::kKBytes,
+                       v_head + static_cast<long long>(load_kb) * T::kVBytes);
+      load_kb = next_kept_block(mask_row, p.mask_stride_k, load_kb + 1, n_blocks);
+    }
+    ++loads_issued;
+    cp_async_commit();
   };
-  if (n_blocks > 0) load_q_tile<T>(smem_q, q_block);
+  int kb = next_kept_block(mask_row, p.mask_stride_k, 0, n_blocks);
+  if (kb < n_blocks) load_q_tile<T>(smem_q, q_block);
 #pragma unroll
-  for (int i = 0; i < T::kStages - 1; ++i) {
-    load_block(i);
-    cp_async_commit();
-  }
+  for (int i = 0; i < T::kStages - 1; ++i) load_next();
   u32 qf[T::kHeadDim / 32][4];
-  for (int kb = 0; kb < n_blocks; ++kb) {
-    const u32 stage = smem_kv + (kb % T::kStages) * T::kStageBytes;
-    load_block(kb + T::kStages - 1);  // into the stage computed on in iteration kb - 1
-    cp_async_commit();
+  for (int it = 0; kb < n_blocks; ++it) {
+    const u32 stage = smem_kv + (it % T::kStages) * T::kStageBytes;
+    load_next();                      // into the stage computed on in iteration it - 1
     cp_async_wait<T::kStages - 1>();  // block kb has landed (this thread's copies)
     __syncthreads();                  // ... and everyone's
-    if (kb == 0) load_q_fragments<T>(qf, smem_q, warp, lane);
+    if (it == 0) load_q_fragments<T>(qf, smem_q, warp, lane);
 
     int acc[T::kKTiles][4];
     mma_qk<T>(acc, qf, stage, lane);
     float s[T::kKTiles][4];
     dequantize_and_mask<T>(s, acc, q_scale * k_scales[kb * 4], kb >= first_masked, kb * T::kBlockK, row0,
-                           p.seq_k, p.causal != 0, p.causal_offset, lane);
+                           k_span.len, p.causal != 0, causal_offset, lane);
     float rescale[2];
     online_softmax_step<T::kKTiles>(s, st, rescale, Pv::kLog2PScale);
     rescale_rows<T::kOTiles>(o, rescale);
     Pv::template mma<T>(o, s, stage + T::kKBytes, lane);
     __syncthreads();  // the next iteration's copy overwrites the stage read here
+    kb = next_kept_block(mask_row, p.mask_stride_k, kb + 1, n_blocks);
   }
-  store_output<T>(p, o, st, Pv::kLog2PScale, Pv::template col_scale<T>(p, bhk), Pv::template col_bias<T>(p, bhk), b,
-                  h, row0, lane);
+
+  // Outputs: dense rows of (b, h), or the sequence's token rows in packed varlen output.
+  const bool varlen = p.cu_seqlens_q != 0;
+  OutputRows rows;
+  rows.out = reinterpret_cast<u16*>(p.out) + h * p.out_stride_h +
+             (varlen ? q_span.first * p.out_stride_s : b * p.out_stride_b);
+  rows.out_stride_s = p.out_stride_s;
+  const bool lse_contiguous = p.lse_stride_b == 0 && p.lse_stride_h == 0;
+  const long long lse_sb = lse_contiguous ? static_cast<long long>(p.heads_q) * p.seq_q : p.lse_stride_b;
+  const long long lse_sh = lse_contiguous ? p.seq_q : p.lse_stride_h;
+  rows.lse = p.lse == 0 ? nullptr
+                        : reinterpret_cast<float*>(p.lse) + h * lse_sh + (varlen ? q_span.first : b * lse_sb);
+  rows.lse_correction =
+      p.lse_correction == 0 ? nullptr : reinterpret_cast<const float*>(p.lse_correction) + bhq * p.seq_q;
+  rows.len = q_span.len;
+  store_output<T>(p, rows, o, st, Pv::kLog2PScale, Pv::template col_scale<T>(p, bhk),
+                  Pv::template col_bias<T>(p, bhk), row0, lane);
 }
 
 }  // namespace sageattn

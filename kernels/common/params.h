@@ -6,7 +6,7 @@
 
 namespace sageattn {
 
-constexpr unsigned kAbiVersion = 2;
+constexpr unsigned kAbiVersion = 3;
 constexpr int kDtypeFp16 = 0;
 constexpr int kDtypeBf16 = 1;
 constexpr int kGranPerThread = 0;
@@ -28,8 +28,9 @@ struct ChannelStatsParams {
   int in_dtype;
   int vectorized;
   int _pad0;
+  unsigned long long cu_seqlens;
 };
-static_assert(sizeof(ChannelStatsParams) == 88, "ABI");
+static_assert(sizeof(ChannelStatsParams) == 96, "ABI");
 #if !defined(__CUDACC_RTC__)
 static_assert(__builtin_offsetof(ChannelStatsParams, src) == 0, "ABI");
 static_assert(__builtin_offsetof(ChannelStatsParams, src_stride_b) == 8, "ABI");
@@ -46,6 +47,7 @@ static_assert(__builtin_offsetof(ChannelStatsParams, head_dim_padded) == 72, "AB
 static_assert(__builtin_offsetof(ChannelStatsParams, in_dtype) == 76, "ABI");
 static_assert(__builtin_offsetof(ChannelStatsParams, vectorized) == 80, "ABI");
 static_assert(__builtin_offsetof(ChannelStatsParams, _pad0) == 84, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, cu_seqlens) == 88, "ABI");
 #endif
 
 struct QuantParams {
@@ -91,8 +93,10 @@ struct QuantParams {
   unsigned long long v_max;
   float v_scale_max;
   int _pad0;
+  unsigned long long cu_seqlens_q;
+  unsigned long long cu_seqlens_k;
 };
-static_assert(sizeof(QuantParams) == 264, "ABI");
+static_assert(sizeof(QuantParams) == 280, "ABI");
 #if !defined(__CUDACC_RTC__)
 static_assert(__builtin_offsetof(QuantParams, q) == 0, "ABI");
 static_assert(__builtin_offsetof(QuantParams, q_stride_b) == 8, "ABI");
@@ -136,6 +140,8 @@ static_assert(__builtin_offsetof(QuantParams, v_min) == 240, "ABI");
 static_assert(__builtin_offsetof(QuantParams, v_max) == 248, "ABI");
 static_assert(__builtin_offsetof(QuantParams, v_scale_max) == 256, "ABI");
 static_assert(__builtin_offsetof(QuantParams, _pad0) == 260, "ABI");
+static_assert(__builtin_offsetof(QuantParams, cu_seqlens_q) == 264, "ABI");
+static_assert(__builtin_offsetof(QuantParams, cu_seqlens_k) == 272, "ABI");
 #endif
 
 struct AttnParams {
@@ -163,8 +169,17 @@ struct AttnParams {
   int out_dtype;
   unsigned long long v_scale;
   unsigned long long v_mean;
+  long long lse_stride_b;
+  long long lse_stride_h;
+  unsigned long long cu_seqlens_q;
+  unsigned long long cu_seqlens_k;
+  unsigned long long block_mask;
+  long long mask_stride_b;
+  long long mask_stride_h;
+  long long mask_stride_q;
+  long long mask_stride_k;
 };
-static_assert(sizeof(AttnParams) == 152, "ABI");
+static_assert(sizeof(AttnParams) == 224, "ABI");
 #if !defined(__CUDACC_RTC__)
 static_assert(__builtin_offsetof(AttnParams, q_int8) == 0, "ABI");
 static_assert(__builtin_offsetof(AttnParams, q_scale) == 8, "ABI");
@@ -190,6 +205,15 @@ static_assert(__builtin_offsetof(AttnParams, causal) == 128, "ABI");
 static_assert(__builtin_offsetof(AttnParams, out_dtype) == 132, "ABI");
 static_assert(__builtin_offsetof(AttnParams, v_scale) == 136, "ABI");
 static_assert(__builtin_offsetof(AttnParams, v_mean) == 144, "ABI");
+static_assert(__builtin_offsetof(AttnParams, lse_stride_b) == 152, "ABI");
+static_assert(__builtin_offsetof(AttnParams, lse_stride_h) == 160, "ABI");
+static_assert(__builtin_offsetof(AttnParams, cu_seqlens_q) == 168, "ABI");
+static_assert(__builtin_offsetof(AttnParams, cu_seqlens_k) == 176, "ABI");
+static_assert(__builtin_offsetof(AttnParams, block_mask) == 184, "ABI");
+static_assert(__builtin_offsetof(AttnParams, mask_stride_b) == 192, "ABI");
+static_assert(__builtin_offsetof(AttnParams, mask_stride_h) == 200, "ABI");
+static_assert(__builtin_offsetof(AttnParams, mask_stride_q) == 208, "ABI");
+static_assert(__builtin_offsetof(AttnParams, mask_stride_k) == 216, "ABI");
 #endif
 
 }  // namespace sageattn

@@ -18,6 +18,27 @@ constexpr int kQuantThreads = 256;
 constexpr int kQBlockRows = 128;  // query rows per attention CTA (8 warps x 16 rows)
 constexpr int kKBlockRows = 64;   // keys per attention key block
 
+/// @brief Where sequence b starts (token index in the source) and how long it is: packed varlen
+/// input when `cu_seqlens` (int32, B+1 offsets) is set, else the dense length.
+struct SeqSpan {
+  long long first;
+  int len;
+};
+
+__device__ __forceinline__ SeqSpan seq_span(unsigned long long cu_seqlens, int b, int dense_len) {
+  if (cu_seqlens == 0) return {0, dense_len};
+  const int* cu = reinterpret_cast<const int*>(cu_seqlens);
+  return {cu[b], cu[b + 1] - cu[b]};
+}
+
+/// @brief Row 0 of (b, h) in a 16-bit source: batch stride for dense input, token offset for varlen.
+__device__ __forceinline__ const u16* rows_of(unsigned long long base, long long stride_b, long long stride_h,
+                                              long long stride_s, unsigned long long cu_seqlens, int b, int h,
+                                              const SeqSpan& span) {
+  const u16* p = reinterpret_cast<const u16*>(base) + h * stride_h;
+  return cu_seqlens == 0 ? p + b * stride_b : p + span.first * stride_s;
+}
+
 /// @brief 8 consecutive elements d0..d0+7 of a 16-bit row as fp32; zero past `dim`.
 /// `vec` promises 16-byte alignment and dim % 8 == 0.
 __device__ __forceinline__ void load_row_chunk8(const u16* row, int d0, int dim, bool vec,
@@ -45,13 +66,14 @@ __device__ __forceinline__ void channel_stats(const ChannelStatsParams& p) {
   const int d0 = blockIdx.x * 64 + chunk * 8;
   const int h = blockIdx.y, b = blockIdx.z;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
-  const u16* base = reinterpret_cast<const u16*>(p.src) + b * p.src_stride_b + h * p.src_stride_h;
+  const SeqSpan span = seq_span(p.cu_seqlens, b, p.seq);
+  const u16* base = rows_of(p.src, p.src_stride_b, p.src_stride_h, p.src_stride_s, p.cu_seqlens, b, h, span);
   const float inf = __int_as_float(0x7f800000);
   float sum[8], lo[8], hi[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) sum[i] = 0.f, lo[i] = inf, hi[i] = -inf;
 #pragma unroll 4
-  for (int s = row_lane; s < p.seq; s += 32) {
+  for (int s = row_lane; s < span.len; s += 32) {
     float x[8];
     load_row_chunk8(base + s * p.src_stride_s, d0, p.head_dim, p.vectorized != 0, is_bf16, x);
 #pragma unroll
@@ -72,7 +94,8 @@ __device__ __forceinline__ void channel_stats(const ChannelStatsParams& p) {
       mx = fmaxf(mx, partial[2][r][threadIdx.x]);
     }
     const i64 i = (static_cast<i64>(b) * p.heads + h) * p.head_dim_padded + blockIdx.x * 64 + threadIdx.x;
-    if (p.mean != 0) reinterpret_cast<float*>(p.mean)[i] = total / static_cast<float>(p.seq);
+    // An empty (varlen) sequence has mean 0 and min/max +-inf (its V scale becomes 0).
+    if (p.mean != 0) reinterpret_cast<float*>(p.mean)[i] = span.len > 0 ? total / static_cast<float>(span.len) : 0.f;
     if (p.minimum != 0) reinterpret_cast<float*>(p.minimum)[i] = mn;
     if (p.maximum != 0) reinterpret_cast<float*>(p.maximum)[i] = mx;
   }
@@ -126,13 +149,14 @@ __device__ __forceinline__ void quantize_q_block(const QuantParams& p, int job) 
   const int chunk = lane % G::kLanesPerRow, row_in_pass = lane / G::kLanesPerRow;
   const int d0 = chunk * 8;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
-  const u16* src = reinterpret_cast<const u16*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+  const SeqSpan span = seq_span(p.cu_seqlens_q, b, p.seq_q);
+  const u16* src = rows_of(p.q, p.q_stride_b, p.q_stride_h, p.q_stride_s, p.cu_seqlens_q, b, h, span);
 
   float x[G::kPasses][8], row_amax[G::kPasses];
 #pragma unroll
   for (int i = 0; i < G::kPasses; ++i) {
     const int s = qb * kQBlockRows + warp * 16 + i * G::kRowsPerPass + row_in_pass;
-    if (s < p.seq_q) {
+    if (s < span.len) {
       load_row_chunk8(src + s * p.q_stride_s, d0, p.head_dim, p.vec_q != 0, is_bf16, x[i]);
     } else {
 #pragma unroll
@@ -180,7 +204,7 @@ __device__ __forceinline__ void quantize_q_block(const QuantParams& p, int job) 
       for (int e = 0; e < 8; ++e) dot += x[i][e] * mean[e];
       dot = sum_over_row_lanes<G::kLanesPerRow>(dot);
       const int s = qb * kQBlockRows + warp * 16 + i * G::kRowsPerPass + row_in_pass;
-      if (chunk == 0 && s < p.seq_q)
+      if (chunk == 0 && s < span.len)  // internal layout (B, Hq, seq_q max)
         reinterpret_cast<float*>(p.lse_correction)[static_cast<i64>(bh) * p.seq_q + s] =
             dot * p.sm_scale;
     }
@@ -198,7 +222,8 @@ __device__ __forceinline__ void quantize_k_block(const QuantParams& p, int job) 
   const int chunk = lane % G::kLanesPerRow, row_in_pass = lane / G::kLanesPerRow;
   const int d0 = chunk * 8;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
-  const u16* src = reinterpret_cast<const u16*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
+  const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
+  const u16* src = rows_of(p.k, p.k_stride_b, p.k_stride_h, p.k_stride_s, p.cu_seqlens_k, b, h, span);
   float mean[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   if (p.k_mean != 0) {
     const float* m = reinterpret_cast<const float*>(p.k_mean) +
@@ -212,7 +237,7 @@ __device__ __forceinline__ void quantize_k_block(const QuantParams& p, int job) 
   for (int i = 0; i < G::kPasses; ++i) {
     const int key = warp * 8 + i * G::kRowsPerPass + row_in_pass;
     const int s = kb * kKBlockRows + key;
-    if (s < p.seq_k) {
+    if (s < span.len) {
       load_row_chunk8(src + s * p.k_stride_s, d0, p.head_dim, p.vec_k != 0, is_bf16, x[i]);
 #pragma unroll
       for (int e = 0; e < 8; ++e) x[i][e] -= mean[e];  // padded columns: 0 - 0
@@ -260,14 +285,15 @@ __device__ __forceinline__ void convert_v_block(const QuantParams& p, int job) {
   const int chunk = lane % G::kLanesPerRow, row_in_pass = lane / G::kLanesPerRow;
   const int d0 = chunk * 8;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
-  const u16* src = reinterpret_cast<const u16*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+  const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
+  const u16* src = rows_of(p.v, p.v_stride_b, p.v_stride_h, p.v_stride_s, p.cu_seqlens_k, b, h, span);
   const i64 block_row0 = (static_cast<i64>(bh) * p.k_blocks + kb) * kKBlockRows;
 #pragma unroll
   for (int i = 0; i < G::kPasses; ++i) {
     const int key = warp * 8 + i * G::kRowsPerPass + row_in_pass;
     const int s = kb * kKBlockRows + key;
     float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (s < p.seq_k) load_row_chunk8(src + s * p.v_stride_s, d0, p.head_dim, p.vec_v != 0, is_bf16, x);
+    if (s < span.len) load_row_chunk8(src + s * p.v_stride_s, d0, p.head_dim, p.vec_v != 0, is_bf16, x);
     const uint4 out = make_uint4(pack_half2(x[0], x[1]), pack_half2(x[2], x[3]),
                                  pack_half2(x[4], x[5]), pack_half2(x[6], x[7]));
     *reinterpret_cast<uint4*>(reinterpret_cast<u16*>(p.v_fp16) + (block_row0 + key) * kHeadDim + d0) = out;
@@ -285,7 +311,7 @@ __device__ __forceinline__ int fp8_pv_key_slot(int p) {
 
 /// @brief Largest |V - mean| of a channel from its min/max (and mean when smoothing).
 __device__ __forceinline__ float channel_amax(float lo, float hi, float mean) {
-  return fmaxf(hi - mean, mean - lo);
+  return fmaxf(fmaxf(hi - mean, mean - lo), 0.f);  // 0 for an empty sequence (lo = +inf, hi = -inf)
 }
 
 /// @brief V job (FP8): 64 keys of one (b, hkv, k_block) -> E4M3 V^T tile [D_pad][64 slots],
@@ -300,7 +326,8 @@ __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, int j
   const int chunk = lane % G::kLanesPerRow, row_in_pass = lane / G::kLanesPerRow;
   const int d0 = chunk * 8;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
-  const u16* src = reinterpret_cast<const u16*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+  const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
+  const u16* src = rows_of(p.v, p.v_stride_b, p.v_stride_h, p.v_stride_s, p.cu_seqlens_k, b, h, span);
   const i64 stats = static_cast<i64>(bh) * p.head_dim_padded;
   const float* vmin = reinterpret_cast<const float*>(p.v_min) + stats;
   const float* vmax = reinterpret_cast<const float*>(p.v_max) + stats;
@@ -318,7 +345,7 @@ __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, int j
     const int key = warp * 8 + i * G::kRowsPerPass + row_in_pass;
     const int s = kb * kKBlockRows + key;
     float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (s < p.seq_k) {
+    if (s < span.len) {
       load_row_chunk8(src + s * p.v_stride_s, d0, p.head_dim, p.vec_v != 0, is_bf16, x);
 #pragma unroll
       for (int e = 0; e < 8; ++e) x[e] = (x[e] - mean[e]) * inv[e];

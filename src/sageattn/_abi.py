@@ -18,7 +18,7 @@ import ctypes
 import sys
 
 # Bump whenever a struct below changes.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # Codes shared by Python and the kernels.
 DTYPE_FP16 = 0
@@ -44,6 +44,7 @@ class ChannelStatsParams(ctypes.Structure):
         ("in_dtype", _i32),        # DTYPE_*
         ("vectorized", _i32),      # 1: 16-byte loads are aligned (pointer, strides, head_dim)
         ("_pad0", _i32),
+        ("cu_seqlens", _ptr),      # const int32 (B+1) or 0: packed varlen input (src_stride_b unused)
     ]
 
 
@@ -77,6 +78,9 @@ class QuantParams(ctypes.Structure):
         ("v_min", _ptr), ("v_max", _ptr),  # const float (B, Hkv, D_pad): channel min/max of V
         ("v_scale_max", _f32),     # |V| maps to this E4M3 value (448, or 2.25 for fp16 PV accumulation)
         ("_pad0", _i32),
+        # Varlen: const int32 (B+1) token offsets of each sequence in the packed q / k,v (or 0:
+        # dense). The *_stride_b fields are then unused; seq_q / seq_k are the maxima.
+        ("cu_seqlens_q", _ptr), ("cu_seqlens_k", _ptr),
     ]
 
 
@@ -99,6 +103,15 @@ class AttnParams(ctypes.Structure):
         ("out_dtype", _i32),       # DTYPE_*
         ("v_scale", _ptr),         # const float (B, Hkv, D_pad): FP8 V scales (sm89 tree) or 0
         ("v_mean", _ptr),          # const float (B, Hkv, D_pad): added back in the epilogue, or 0
+        # lse element strides (token stride 1); both 0: contiguous (B, Hq, Sq)
+        ("lse_stride_b", _i64), ("lse_stride_h", _i64),
+        # Varlen (see QuantParams); causal is then bottom-right per sequence (causal_offset unused),
+        # out/lse rows are token offsets and their batch strides are unused.
+        ("cu_seqlens_q", _ptr), ("cu_seqlens_k", _ptr),
+        # Block-sparse: int8 mask (B, Hq, q_blocks, k_blocks) by element strides (0 broadcasts);
+        # a key block whose entry is 0 is neither loaded nor multiplied. 0: dense.
+        ("block_mask", _ptr),
+        ("mask_stride_b", _i64), ("mask_stride_h", _i64), ("mask_stride_q", _i64), ("mask_stride_k", _i64),
     ]
 
 
