@@ -233,12 +233,49 @@ def test_built_tree_without_runner_is_skipped(package, device):
     # A tree in the package that this Python version cannot drive yet is passed over, said so.
     package(FULL)
     device((9, 0))
-    assert set(dispatch.RUNNERS) == {"sm80"}
+    assert set(dispatch.RUNNERS) == {"sm80", "sm89"}
     c = dispatch.resolve(0)
-    assert c.path == "sm80"
+    assert c.path == "sm80"       # not sm89: its E4M3 MMA is emulated on 9.0
     assert "sm90 is the intended path for 9.0; its kernels are in this package but this " \
            "version of sageattn has no runner for them yet" in c.reason
     with pytest.raises(PathUnavailableError, match="no runner"):
+        dispatch.resolve(0, "sm90")
+
+
+@pytest.mark.parametrize("cap,gran,runs_as", [((8, 9), "per_thread", "SASS sm_89"),
+                                              ((12, 0), "per_warp", "SASS sm_120"),
+                                              ((12, 1), "per_warp", "SASS sm_120")])
+def test_sm89_devices_resolve_to_sm89(package, device, cap, gran, runs_as):
+    # The real runners (sm80, sm89): Ada and Blackwell consumer GPUs get the FP8 PV path with
+    # fp16 in-block accumulation (2++), per-warp Q/K scales on 12.x.
+    package(FULL)
+    device(cap)
+    c = dispatch.resolve(0)
+    assert (c.path, c.tree, c.runs_as) == ("sm89", "sm89", runs_as)
+    assert "no runner" not in c.reason and "not built" not in c.reason
+    assert c.defaults == {"qk_quant_gran": gran, "pv_accum_dtype": "fp32+fp16",
+                          "smooth_k": True, "smooth_v": False}
+    # The table's row configuration does not leak into other paths or devices.
+    assert dispatch.resolve(0, "sm80").defaults == dispatch.PATHS["sm80"].defaults
+
+
+def test_sm89_forced_on_h100(package, device, monkeypatch):
+    package(FULL)
+    device((9, 0))
+    c = dispatch.resolve(0, "sm89")
+    assert (c.path, c.runs_as, c.source) == ("sm89", "SASS sm_90", "path= argument")
+    assert c.defaults["qk_quant_gran"] == "per_thread"
+    monkeypatch.setenv("SAGEATTN_PATH", "sm89")
+    assert dispatch.resolve(0).path == "sm89"
+    c = dispatch.resolve(0, "sm89", "sageattn_qk_int8_pv_fp8_cuda")
+    assert c.source == "sageattn_qk_int8_pv_fp8_cuda"
+
+
+def test_sm89_not_built_falls_back_to_sm80(package, device):
+    device((8, 9))
+    c = dispatch.resolve(0)
+    assert c.path == "sm80" and "sm89 is the intended path for 8.9 but is not built" in c.reason
+    with pytest.raises(PathUnavailableError, match="'sm89' .* is not built in this package"):
         dispatch.resolve(0, "sm89")
 
 
@@ -265,6 +302,36 @@ def test_explain_h100(package, device):
     for needle in ("cuda:0 (NVIDIA H100 80GB HBM3)", "sm80", "SASS sm_90", "nvcc 13.0.88",
                    "sm_80 sm_86 sm_89 sm_90 sm_120", "compute_80", "abc123"):
         assert needle in text, needle
+
+
+@pytest.mark.parametrize("cap,name,gran", [((8, 9), "NVIDIA L40S", "per_thread"),
+                                           ((12, 0), "NVIDIA GeForce RTX 5090", "per_warp")])
+def test_explain_sm89_devices(package, device, cap, name, gran):
+    package(FULL)
+    device(cap, name)
+    r = dispatch.explain(0)
+    assert r["path"] == "sm89" and r["kernel"] == "sm89_qkint8_pvfp8_acc16x32_hd128"
+    assert r["config"] == {"qk_quant_gran": gran, "pv_accum_dtype": "fp32+fp16",
+                           "smooth_k": True, "smooth_v": False}
+    assert "2++" in r["reason"] and "no runner" not in r["reason"]
+    text = str(r)
+    for needle in (name, "path: sm89", "sm89_qkint8_pvfp8_acc16x32_hd128", "fp32+fp16",
+                   f"qk_quant_gran={gran}", "sm_89 sm_90 sm_120"):
+        assert needle in text, needle
+    r = dispatch.explain(0, head_dim=64, pv_accum_dtype="fp32+fp32")
+    assert r["kernel"] == "sm89_qkint8_pvfp8_acc32x32_hd64"
+
+
+def test_explain_forced_sm89_on_h100(package, device):
+    package(FULL)
+    device((9, 0), "NVIDIA H100 80GB HBM3")
+    r = dispatch.explain(0, path="sm89", pv_accum_dtype="fp32")
+    assert (r["path"], r["kernel"], r["runs_as"]) == ("sm89", "sm89_qkint8_pvfp8_acc32_hd128",
+                                                      "SASS sm_90")
+    assert "forced by path= argument" in r["reason"]
+    # A mode of another path: no kernel, and the reason says why.
+    r = dispatch.explain(0, path="sm89", pv_accum_dtype="fp16+fp32")
+    assert r["kernel"] is None and "pv_accum_dtype must be one of" in r["reason"]
 
 
 def test_explain_options(package, device):

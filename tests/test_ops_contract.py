@@ -1,4 +1,4 @@
-"""ops.py against the kernel contract, on the CPU.
+"""ops.py against the kernel contract, on the CPU, for the sm80 and sm89 trees.
 
 A stand-in for ``sageattn._ext`` runs each launched kernel as the emulator's matching step,
 reading and writing raw memory through the pointers, strides and sizes that ops.py packs
@@ -6,6 +6,11 @@ into the parameter structs, and checks every launch against docs/ARCHITECTURE.md
 names from tools/kernel_table.py, grids, block sizes, shared memory, buffer bounds). The
 result must equal the emulator's bit for bit, so a wrong pointer, stride, layout, offset or
 flag in ops.py fails here before any GPU time is spent.
+
+The sm89 stand-in writes the FP8 V^T tile itself, key by key at the slot the contract states
+(``_slot`` below, written from docs/ARCHITECTURE.md, not taken from the emulator), while its
+attention step reads the tile through the emulator: a layout disagreement between the
+two shows up as a wrong result.
 """
 
 import ctypes
@@ -69,23 +74,36 @@ def _check_vec(flag, ptr, strides, head_dim):
         assert ptr % 16 == 0 and all(s % 8 == 0 for s in strides) and head_dim % 8 == 0
 
 
+def _slot(p):
+    """Slot of key p of a 64-key block in the FP8 V^T tile (docs/ARCHITECTURE.md)."""
+    step, half, j, c, e = p // 32, (p % 32) // 16, (p % 16) // 8, (p % 8) // 2, p % 2
+    return 32 * step + 16 * half + 4 * c + 2 * j + e
+
+
 class FakeExt:
     """Implements the host-layer calls ops.py and _loader.py use."""
 
     def __init__(self, manifest, mem):
-        self.kernels = manifest["trees"]["sm80"]["kernels"]
+        self.trees = manifest["trees"]
+        self.kernels = {name: meta for tree in self.trees.values()
+                        for name, meta in tree["kernels"].items()}
         self.mem = mem
-        self.functions, self.smem_limits, self.launches = {}, {}, []
+        self.modules, self.functions, self.smem_limits, self.launches = {}, {}, {}, []
+        self.v_scale_max = self.v_tile = None     # of the last FP8 quantize launch
 
     def load_module(self, ordinal, image):
-        assert image == b"fatbin"
-        return 1000 + ordinal
+        tree = image.decode().removeprefix("fatbin:")
+        assert tree in self.trees
+        handle = 1000 + 10 * len(self.modules) + ordinal
+        self.modules[handle] = tree
+        return handle
 
     def read_global_u32(self, module, name):
         assert name == "sageattn_abi_version"
         return _abi.ABI_VERSION
 
     def get_function(self, module, name):
+        assert name in self.trees[self.modules[module]]["kernels"], (name, self.modules[module])
         handle = 2000 + len(self.functions)
         self.functions[handle] = name
         return handle
@@ -106,13 +124,18 @@ class FakeExt:
     def channel_stats(self, name, grid, raw):
         p = _abi.ChannelStatsParams.from_buffer_copy(raw)
         assert grid == (p.head_dim_padded // 64, p.heads, p.batch)
-        assert p.minimum == 0 and p.maximum == 0
+        assert (p.minimum == 0) == (p.maximum == 0)
+        assert name.startswith("sm89") or p.minimum == 0    # min/max: FP8 V scales only
         strides = (p.src_stride_b, p.src_stride_h, p.src_stride_s)
         _check_vec(p.vectorized, p.src, strides, p.head_dim)
-        k = self.mem.view(p.src, _DT[p.in_dtype], (p.batch, p.heads, p.seq, p.head_dim),
+        x = self.mem.view(p.src, _DT[p.in_dtype], (p.batch, p.heads, p.seq, p.head_dim),
                           strides + (1,))
-        out = self.mem.view(p.mean, torch.float32, (p.batch, p.heads, p.head_dim_padded))
-        out.copy_(emulate.k_channel_mean(k, p.head_dim_padded))
+        shape = (p.batch, p.heads, p.head_dim_padded)
+        mean, lo, hi = emulate.channel_stats(x, p.head_dim_padded, mean=bool(p.mean),
+                                             minmax=bool(p.minimum))
+        for ptr, value in ((p.mean, mean), (p.minimum, lo), (p.maximum, hi)):
+            if ptr:
+                self.mem.view(ptr, torch.float32, shape).copy_(value)
 
     def quantize(self, name, grid, raw):
         p = _abi.QuantParams.from_buffer_copy(raw)
@@ -120,7 +143,13 @@ class FakeExt:
         assert name.endswith(f"_hd{Dp}") and Dp == emulate.padded_head_dim(D)
         assert p.q_blocks == -(-p.seq_q // 128) and p.k_blocks == -(-p.seq_k // 64)
         assert grid == (B * Hq * p.q_blocks + 2 * B * Hkv * p.k_blocks, 1, 1)
-        assert p.v_fp8 == p.v_scale == p.v_mean == p.v_min == p.v_max == 0
+        fp8 = name.startswith("sm89_")
+        if fp8:
+            assert p.v_fp16 == 0 and p.v_fp8 and p.v_scale and p.v_min and p.v_max
+            assert p.v_scale_max in (448.0, 2.25)
+        else:
+            assert p.v_fp8 == p.v_scale == p.v_mean == p.v_min == p.v_max == 0
+            assert p.v_scale_max == 0
         s2 = torch.tensor(p.sm_scale_log2e, dtype=torch.float32)
         assert p.sm_scale_log2e == ctypes.c_float(p.sm_scale * math.log2(math.e)).value
         dt, m = _DT[p.in_dtype], self.mem
@@ -138,12 +167,34 @@ class FakeExt:
         m.view(p.q_scale, torch.float32, q_scale.shape).copy_(q_scale)
         m.view(p.k_int8, torch.int8, k_i8.shape).copy_(k_i8)
         m.view(p.k_scale, torch.float32, k_scale.shape).copy_(k_scale)
-        v16 = emulate.convert_v(views["v"], Dp)
-        m.view(p.v_fp16, torch.float16, v16.shape).copy_(v16)
+        if fp8:
+            self._quantize_v_fp8(p, views["v"])
+        else:
+            v16 = emulate.convert_v(views["v"], Dp)
+            m.view(p.v_fp16, torch.float16, v16.shape).copy_(v16)
         if p.lse_correction:
             assert mean is not None
             corr = emulate.lse_correction(views["q"], mean, p.sm_scale)
             m.view(p.lse_correction, torch.float32, corr.shape).copy_(corr)
+
+    def _quantize_v_fp8(self, p, v):
+        """V^T tiles key by key: (B, Hkv, k_blocks, D_pad, 64) bytes, key p at _slot(p)."""
+        B, H, S, D = v.shape
+        Dp, m = p.head_dim_padded, self.mem
+        stats = (B, H, Dp)
+        lo, hi = m.view(p.v_min, torch.float32, stats), m.view(p.v_max, torch.float32, stats)
+        mean = m.view(p.v_mean, torch.float32, stats) if p.v_mean else torch.zeros(stats)
+        amax = torch.maximum(hi - mean, mean - lo)
+        scale_max = torch.tensor(p.v_scale_max, dtype=torch.float32)
+        inv = torch.where(amax > 0, scale_max / amax, torch.tensor(0.0))
+        codes = emulate.e4m3_bits((v.float() - mean[:, :, None, :D]) * inv[:, :, None, :D])
+        tile = m.view(p.v_fp8, torch.uint8, (B, H, p.k_blocks, Dp, 64))
+        tile.zero_()
+        for key in range(S):
+            tile[:, :, key // 64, :D, _slot(key % 64)] = codes[:, :, key]
+        m.view(p.v_scale, torch.float32, stats).copy_(amax / scale_max)
+        self.v_scale_max = p.v_scale_max
+        self.v_tile = tile.clone()
 
     def attention(self, name, grid, raw):
         p = _abi.AttnParams.from_buffer_copy(raw)
@@ -152,21 +203,31 @@ class FakeExt:
         Dp = meta["head_dim"]
         q_rows = meta.get("q_rows") or 128
         assert 128 % q_rows == 0 and grid == (p.q_blocks * 128 // q_rows, Hq, B)
-        assert p.v_scale == 0 and p.v_mean == 0
         assert p.causal in (0, 1) and (p.causal or p.causal_offset == 0)
-        qt = emulate.Quantized(
+        common = dict(
             q_int8=m.view(p.q_int8, torch.int8, (B, Hq, p.q_blocks * 128, Dp)),
             q_scale=m.view(p.q_scale, torch.float32, (B, Hq, p.q_blocks, 64)),
             k_int8=m.view(p.k_int8, torch.int8, (B, Hkv, p.k_blocks * 64, Dp)),
             k_scale=m.view(p.k_scale, torch.float32, (B, Hkv, p.k_blocks, 4)),
-            v_fp16=m.view(p.v, torch.float16, (B, Hkv, p.k_blocks * 64, Dp)),
             k_mean=None,
             lse_correction=(m.view(p.lse_correction, torch.float32, (B, Hq, p.seq_q))
                             if p.lse_correction else None))
-        out, lse = emulate.attention(
-            qt, seq_q=p.seq_q, seq_k=p.seq_k, head_dim=p.head_dim_out, causal=bool(p.causal),
-            causal_offset=p.causal_offset, pv_accum=meta["pv_accum"],
-            out_dtype=_DT[p.out_dtype], return_lse=bool(p.lse))
+        kw = dict(seq_q=p.seq_q, seq_k=p.seq_k, head_dim=p.head_dim_out, causal=bool(p.causal),
+                  causal_offset=p.causal_offset, pv_accum=meta["pv_accum"],
+                  out_dtype=_DT[p.out_dtype], return_lse=bool(p.lse))
+        if name.startswith("sm89_"):
+            assert p.v_scale and self.v_scale_max == emulate.v_scale_max(meta["pv_accum"])
+            stats = (B, Hkv, Dp)
+            qt = emulate.QuantizedFp8(
+                v_fp8=m.view(p.v, torch.uint8, (B, Hkv, p.k_blocks, Dp, 64)),
+                v_scale=m.view(p.v_scale, torch.float32, stats),
+                v_mean=m.view(p.v_mean, torch.float32, stats) if p.v_mean else None, **common)
+            out, lse = emulate.attention_fp8(qt, **kw)
+        else:
+            assert p.v_scale == 0 and p.v_mean == 0
+            qt = emulate.Quantized(
+                v_fp16=m.view(p.v, torch.float16, (B, Hkv, p.k_blocks * 64, Dp)), **common)
+            out, lse = emulate.attention(qt, **kw)
         m.view(p.out, _DT[p.out_dtype], out.shape,
                (p.out_stride_b, p.out_stride_h, p.out_stride_s, 1)).copy_(out)
         if p.lse:
@@ -175,18 +236,19 @@ class FakeExt:
 
 @pytest.fixture
 def fake_ext(tmp_path, monkeypatch):
-    table = _kernel_table()
-    tree = next(t for t in table.TREES if t.name == "sm80")
+    trees = {}
+    for tree in _kernel_table().TREES:
+        if tree.name not in ("sm80", "sm89"):
+            continue
+        trees[tree.name] = {
+            "fatbin": f"{tree.name}.fatbin", "sass": list(tree.sass), "ptx": list(tree.ptx),
+            "kernels": {k.name: {"kind": k.kind, "head_dim": k.head_dim, "pv_accum": k.pv_accum,
+                                 "threads": k.threads, "smem": k.smem,
+                                 "q_rows": getattr(k, "q_rows", 0)} for k in tree.kernels}}
+        (tmp_path / f"{tree.name}.fatbin").write_bytes(f"fatbin:{tree.name}".encode())
     manifest = {"abi_version": _abi.ABI_VERSION, "toolkit": "fake", "git_revision": "test",
-                "trees": {"sm80": {"fatbin": "sm80.fatbin", "sass": list(tree.sass),
-                                   "ptx": list(tree.ptx),
-                                   "kernels": {k.name: {"kind": k.kind, "head_dim": k.head_dim,
-                                                        "pv_accum": k.pv_accum,
-                                                        "threads": k.threads, "smem": k.smem,
-                                                        "q_rows": getattr(k, "q_rows", 0)}
-                                               for k in tree.kernels}}}}
+                "trees": trees}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    (tmp_path / "sm80.fatbin").write_bytes(b"fatbin")
     monkeypatch.setattr(_loader, "KERNELS_DIR", tmp_path)
     monkeypatch.setattr(_loader, "_modules", {})
     monkeypatch.setattr(_loader, "_kernels", {})
@@ -208,20 +270,28 @@ def fake_ext(tmp_path, monkeypatch):
     dispatch.clear_caches()
 
 
+_FORWARD = {"sm80": (ops.sm80_forward, emulate.sm80_attention, "fp32"),
+            "sm89": (ops.sm89_forward, emulate.sm89_attention, "fp32+fp16")}
+TREES = list(_FORWARD)
+
+
 def run_ops(ext, q, k, v, layout="HND", causal=False, lse=False, gran="per_thread",
-            acc="fp32", smooth_k=True, sm_scale=None):
+            acc=None, smooth_k=True, sm_scale=None, tree="sm80", smooth_v=False):
+    forward, emulator, default_acc = _FORWARD[tree]
+    acc = acc or default_acc
     for x in (q, k, v):
         ext.mem.add(x)
     D = q.shape[-1]
     scale = D ** -0.5 if sm_scale is None else sm_scale
     saved = [x.clone() for x in (q, k, v)]
-    out, out_lse = ops.sm80_forward(q, k, v, tensor_layout=layout, is_causal=causal,
-                                    sm_scale=scale, return_lse=lse, qk_quant_gran=gran,
-                                    pv_accum_dtype=acc, smooth_k=smooth_k)
+    extra = {"smooth_v": smooth_v} if tree == "sm89" else {}
+    out, out_lse = forward(q, k, v, tensor_layout=layout, is_causal=causal, sm_scale=scale,
+                           return_lse=lse, qk_quant_gran=gran, pv_accum_dtype=acc,
+                           smooth_k=smooth_k, **extra)
     assert all(torch.equal(a, b) for a, b in zip(saved, (q, k, v))), "inputs modified"
-    expect = emulate.sm80_attention(q, k, v, tensor_layout=layout, is_causal=causal,
-                                    sm_scale=scale, qk_quant_gran=gran, pv_accum_dtype=acc,
-                                    smooth_k=smooth_k, return_lse=lse)
+    expect = emulator(q, k, v, tensor_layout=layout, is_causal=causal, sm_scale=scale,
+                      qk_quant_gran=gran, pv_accum_dtype=acc, smooth_k=smooth_k,
+                      return_lse=lse, **extra)
     exp_out, exp_lse = expect if lse else (expect, None)
     assert out.is_contiguous() and out.shape == q.shape and out.dtype == q.dtype
     assert torch.equal(out, exp_out)
@@ -249,60 +319,125 @@ def test_configs(fake_ext, dtype, gran, acc):
                                  f"sm80_qkint8_pvfp16_{tag}_{hd}"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gran", ["per_thread", "per_warp"])
+@pytest.mark.parametrize("acc", ["fp32", "fp32+fp32", "fp32+fp16"])
+@pytest.mark.parametrize("smooth_v", [False, True], ids=["v", "smooth_v"])
+def test_configs_sm89(fake_ext, dtype, gran, acc, smooth_v):
+    q, k, v = (rand(2, 4, 130, 64, dtype=dtype, seed=i) for i in range(3))
+    v = v + 3 * rand(2, 4, 1, 64, dtype=dtype, seed=7)     # channels offset from zero
+    run_ops(fake_ext, q, k, v, gran=gran, acc=acc, lse=True, tree="sm89", smooth_v=smooth_v)
+    tag = {"fp32": "acc32", "fp32+fp32": "acc32x32", "fp32+fp16": "acc16x32"}[acc]
+    # K mean, then V min/max (and mean), then the fused quantize and the attention.
+    assert fake_ext.launches == ["sm89_channel_stats", "sm89_channel_stats",
+                                 "sm89_quantize_qk_int8_v_fp8_hd64",
+                                 f"sm89_qkint8_pvfp8_{tag}_hd64"]
+    assert fake_ext.v_scale_max == (2.25 if acc == "fp32+fp16" else 448.0)
+
+
+def test_sm89_no_smoothing_runs_only_the_v_stats(fake_ext):
+    q, k, v = (rand(1, 2, 64, 128, seed=i) for i in range(3))
+    run_ops(fake_ext, q, k, v, smooth_k=False, lse=True, tree="sm89", acc="fp32")
+    assert fake_ext.launches == ["sm89_channel_stats", "sm89_quantize_qk_int8_v_fp8_hd128",
+                                 "sm89_qkint8_pvfp8_acc32_hd128"]
+    smem = fake_ext.kernels["sm89_qkint8_pvfp8_acc32_hd128"]["smem"]
+    assert smem == 320 * 128
+    assert fake_ext.smem_limits == ({"sm89_qkint8_pvfp8_acc32_hd128": smem}
+                                    if smem > 48 * 1024 else {})
+
+
+@pytest.mark.parametrize("smooth_v", [False, True])
+def test_sm89_v_tile_is_the_emulators(fake_ext, smooth_v):
+    # The stand-in writes the V^T tile key by key from the contract's slot formula; the
+    # emulator builds it with tensor ops: the bytes must agree (padding included).
+    q, k = rand(1, 2, 50, 72, seed=1), rand(1, 2, 150, 72, seed=2)
+    v = rand(1, 2, 150, 72, seed=3) * 40
+    run_ops(fake_ext, q, k, v, tree="sm89", acc="fp32+fp32", smooth_v=smooth_v)
+    mean, lo, hi = emulate.channel_stats(v, 128, mean=smooth_v, minmax=True)
+    tile, _ = emulate.quantize_v_fp8(v, mean, lo, hi, 448.0, 128)
+    assert tile.shape == (1, 2, 3, 128, 64) and torch.equal(tile, fake_ext.v_tile)
+
+
+def test_sm80_refuses_smooth_v(fake_ext):
+    q = rand(1, 1, 64, 64)
+    with pytest.raises(ValueError, match="smooth_v=True is not offered on the sm80 path"):
+        ops.sm80_forward(q, q, q, tensor_layout="HND", is_causal=False, sm_scale=0.125,
+                         return_lse=False, qk_quant_gran="per_thread", pv_accum_dtype="fp32",
+                         smooth_k=True, smooth_v=True)
+
+
+def test_kernel_names_refuse_other_paths_modes():
+    assert ops.kernel_names("sm89", 72, "fp32+fp16")[-1] == "sm89_qkint8_pvfp8_acc16x32_hd128"
+    assert ops.kernel_names("sm80", 64, "fp16+fp32")[-1] == "sm80_qkint8_pvfp16_acc16x32_hd64"
+    assert ops.kernel_names("sm90", 64, "fp32+fp32") is None
+    with pytest.raises(ValueError, match="pv_accum_dtype must be one of .* on the sm89 path"):
+        ops.kernel_names("sm89", 64, "fp16+fp32")
+    with pytest.raises(ValueError, match="on the sm80 path"):
+        ops.kernel_names("sm80", 64, "fp32+fp16")
+
+
 @pytest.mark.parametrize("D", [1, 36, 64, 72, 128])
-def test_head_dims(fake_ext, D):
+@pytest.mark.parametrize("tree", TREES)
+def test_head_dims(fake_ext, tree, D):
     q, k, v = (rand(1, 2, 70, D, seed=i) for i in range(3))
-    run_ops(fake_ext, q, k, v, lse=True)
+    run_ops(fake_ext, q, k, v, lse=True, tree=tree)
 
 
-def test_nhd_layout(fake_ext):
+@pytest.mark.parametrize("tree", TREES)
+def test_nhd_layout(fake_ext, tree):
     q, k, v = (rand(2, 100, 4, 64, seed=i) for i in range(3))
-    out, _ = run_ops(fake_ext, q, k, v, layout="NHD", causal=True, lse=True)
+    out, _ = run_ops(fake_ext, q, k, v, layout="NHD", causal=True, lse=True, tree=tree)
     assert out.shape == (2, 100, 4, 64)
 
 
 @pytest.mark.parametrize("Sq,Sk", [(1, 1), (1, 200), (65, 129), (200, 63), (129, 127)])
-def test_causal_offsets(fake_ext, Sq, Sk):
+@pytest.mark.parametrize("tree", TREES)
+def test_causal_offsets(fake_ext, tree, Sq, Sk):
     q = rand(1, 2, Sq, 64, seed=1)
     k, v = rand(1, 2, Sk, 64, seed=2), rand(1, 2, Sk, 64, seed=3)
-    run_ops(fake_ext, q, k, v, causal=True, lse=True)
+    run_ops(fake_ext, q, k, v, causal=True, lse=True, tree=tree)
 
 
-def test_gqa_and_mqa(fake_ext):
+@pytest.mark.parametrize("tree", TREES)
+def test_gqa_and_mqa(fake_ext, tree):
     q = rand(1, 8, 90, 64, seed=1)
     for hkv in (2, 1):
         k, v = rand(1, hkv, 150, 64, seed=2), rand(1, hkv, 150, 64, seed=3)
-        run_ops(fake_ext, q, k, v, causal=True, lse=True)
+        run_ops(fake_ext, q, k, v, causal=True, lse=True, tree=tree)
 
 
-def test_fused_qkv_slices(fake_ext):
+@pytest.mark.parametrize("tree", TREES)
+def test_fused_qkv_slices(fake_ext, tree):
     # (B, S, 3, H, D) projection output: q, k, v are NHD views with a non-unit head stride.
     qkv = rand(2, 77, 3, 4, 64)
     q, k, v = qkv.unbind(2)
-    run_ops(fake_ext, q, k, v, layout="NHD", lse=True)
+    run_ops(fake_ext, q, k, v, layout="NHD", lse=True, tree=tree)
 
 
-def test_transposed_and_expanded_views(fake_ext):
+@pytest.mark.parametrize("tree", TREES)
+def test_transposed_and_expanded_views(fake_ext, tree):
     q = rand(2, 50, 4, 64).transpose(1, 2)          # HND view of NHD storage
     k = rand(2, 1, 80, 64, seed=1).expand(2, 4, 80, 64)   # stride-0 kv heads
     v = rand(2, 80, 1, 64, seed=2).transpose(1, 2).expand(2, 4, 80, 64)
-    run_ops(fake_ext, q, k, v, causal=True)
+    run_ops(fake_ext, q, k, v, causal=True, tree=tree)
 
 
-def test_unaligned_storage_offset(fake_ext):
+@pytest.mark.parametrize("tree", TREES)
+def test_unaligned_storage_offset(fake_ext, tree):
     # A pointer 2 bytes past a 16-byte boundary must take the non-vectorized path.
     big = rand(1, 2, 40, 65)
     q = big[..., 1:]
     k, v = rand(1, 2, 40, 64, seed=1), rand(1, 2, 40, 64, seed=2)
     assert q.data_ptr() % 16 != 0
-    run_ops(fake_ext, q, k, v, lse=True)
+    run_ops(fake_ext, q, k, v, lse=True, tree=tree)
 
 
-def test_size_one_dims_with_odd_strides(fake_ext):
+@pytest.mark.parametrize("tree", TREES)
+def test_size_one_dims_with_odd_strides(fake_ext, tree):
     q = torch.as_strided(rand(1000), (1, 1, 5, 64), (3, 7, 64, 1))
     k = torch.as_strided(rand(1000, seed=1), (1, 1, 9, 64), (5, 11, 72, 1))
     v = rand(1, 1, 9, 64, seed=2)
-    run_ops(fake_ext, q, k, v, lse=True)
+    run_ops(fake_ext, q, k, v, lse=True, tree=tree)
 
 
 def test_no_smoothing_skips_the_stats_kernel(fake_ext):
@@ -315,9 +450,10 @@ def test_no_smoothing_skips_the_stats_kernel(fake_ext):
                                     if smem > 48 * 1024 else {})
 
 
-def test_sm_scale(fake_ext):
+@pytest.mark.parametrize("tree", TREES)
+def test_sm_scale(fake_ext, tree):
     q, k, v = (rand(1, 1, 64, 64, seed=i) for i in range(3))
-    run_ops(fake_ext, q, k, v, sm_scale=0.3, lse=True)
+    run_ops(fake_ext, q, k, v, sm_scale=0.3, lse=True, tree=tree)
 
 
 def test_fatbin_loaded_once_per_device(fake_ext):
@@ -339,8 +475,8 @@ def test_abi_mismatch_refused(fake_ext, monkeypatch):
                          smooth_k=True)
 
 
-def _choice(path="sm80"):
-    return dispatch.Choice(path, "sm80", (9, 0), "SASS sm_90", "auto", "default table", "test")
+def _choice(path="sm80", capability=(9, 0)):
+    return dispatch.Choice(path, path, capability, "SASS", "auto", "default table", "test")
 
 
 def test_op_defaults_and_opcheck(fake_ext, monkeypatch):
@@ -385,9 +521,59 @@ def test_always_use_op_matches_direct(fake_ext, monkeypatch):
     assert lse is None
 
 
-def test_preload_loads_every_kernel(fake_ext, monkeypatch):
+@pytest.mark.parametrize("tree", TREES)
+def test_preload_loads_every_kernel(fake_ext, monkeypatch, tree):
     import sageattn
 
-    monkeypatch.setattr(dispatch, "resolve", lambda index, path=None, entry=None: _choice())
+    monkeypatch.setattr(dispatch, "resolve",
+                        lambda index, path=None, entry=None: _choice(tree))
     sageattn.preload(0)
-    assert sorted(fake_ext.functions.values()) == sorted(fake_ext.kernels)
+    assert sorted(fake_ext.functions.values()) == sorted(fake_ext.trees[tree]["kernels"])
+
+
+@pytest.mark.parametrize("capability,gran", [((8, 9), "per_thread"), ((12, 0), "per_warp"),
+                                             ((12, 1), "per_warp")])
+def test_op_sm89_device_defaults(fake_ext, monkeypatch, capability, gran):
+    """sageattn() on an sm89-path device: "fp32+fp16", smooth_k, no smooth_v, and the row's
+    Q/K granularity (per-warp on 12.x), through the direct call and the custom op alike."""
+    monkeypatch.setattr(dispatch, "resolve",
+                        lambda index, path=None, entry=None: _choice("sm89", capability))
+    q, k, v = (rand(1, 2, 200, 64, seed=i) for i in range(3))
+    q = q * torch.exp(rand(1, 2, 200, 1, seed=5).float()).half()   # per_warp != per_thread
+    for x in (q, k, v):
+        fake_ext.mem.add(x)
+    kw = dict(tensor_layout="HND", is_causal=True, sm_scale=0.125, return_lse=True)
+    out, lse = ops.attention(q, k, v, **kw)
+    assert fake_ext.launches[-1] == "sm89_qkint8_pvfp8_acc16x32_hd64"
+    exp, exp_lse = emulate.sm89_attention(q, k, v, is_causal=True, sm_scale=0.125,
+                                          return_lse=True, qk_quant_gran=gran)
+    assert torch.equal(out, exp) and torch.equal(lse, exp_lse)
+    other = "per_warp" if gran == "per_thread" else "per_thread"
+    assert not torch.equal(out, emulate.sm89_attention(q, k, v, is_causal=True, sm_scale=0.125,
+                                                       qk_quant_gran=other))
+    monkeypatch.setattr(ops, "ALWAYS_USE_OP", True)
+    through_op = ops.attention(q, k, v, **kw)
+    assert torch.equal(through_op[0], out) and torch.equal(through_op[1], lse)
+
+
+def test_op_sm89_smooth_v_and_opcheck(fake_ext, monkeypatch):
+    monkeypatch.setattr(dispatch, "resolve",
+                        lambda index, path=None, entry=None: _choice("sm89", (8, 9)))
+    q, k, v = (rand(1, 2, 70, 64, seed=i) for i in range(3))
+    v = v + 5
+    for x in (q, k, v):
+        fake_ext.mem.add(x)
+    out, lse = torch.ops.sageattn.attention(q, k, v, "HND", False, 0.125, True, "sm89",
+                                            "entry", "per_warp", "fp32+fp32", 1, 1)
+    exp, exp_lse = emulate.sm89_attention(q, k, v, sm_scale=0.125, return_lse=True,
+                                          qk_quant_gran="per_warp", pv_accum_dtype="fp32+fp32",
+                                          smooth_v=True)
+    assert torch.equal(out, exp) and torch.equal(lse, exp_lse)
+    assert not torch.equal(out, emulate.sm89_attention(q, k, v, sm_scale=0.125,
+                                                       qk_quant_gran="per_warp",
+                                                       pv_accum_dtype="fp32+fp32"))
+    fake_ext.mem.strict = False     # opcheck runs the op on copies of the inputs
+    for args in ((q, k, v, "HND", True, 0.125, True, "", "", "", "", -1, -1),
+                 (q, k, v, "HND", False, 0.125, False, "sm89", "entry", "per_thread", "fp32",
+                  0, 1)):
+        torch.library.opcheck(torch.ops.sageattn.attention.default, args)

@@ -268,7 +268,83 @@ def test_errors_are_raised_before_any_device_work(monkeypatch, fake):
 
 
 def test_public_names():
-    for name in ("sageattn", "sageattn_qk_int8_pv_fp16_cuda", "explain", "build_info",
-                 "preload", "UnsupportedDeviceError", "PathUnavailableError", "PackageError"):
+    for name in ("sageattn", "sageattn_qk_int8_pv_fp16_cuda", "sageattn_qk_int8_pv_fp8_cuda",
+                 "explain", "build_info", "preload", "UnsupportedDeviceError",
+                 "PathUnavailableError", "PackageError"):
         assert hasattr(sageattn, name), name
     assert isinstance(sageattn.__version__, str)
+
+
+# ---- the FP8-PV entry point (sm89 path) ---------------------------------------------------
+
+from sageattn import sageattn_qk_int8_pv_fp8_cuda as attn_fp8  # noqa: E402
+
+
+def test_fp8_entry_point_valid(fake):
+    q, k, v = qkv(H=8, Hkv=2, D=72, Sk=130)
+    for gran in ("per_thread", "per_warp"):
+        for acc in ("fp32+fp16", "fp32+fp32", "fp32"):
+            for smooth_v in (False, True):
+                out, lse = attn_fp8(q, k, v, qk_quant_gran=gran, pv_accum_dtype=acc,
+                                    smooth_v=smooth_v, is_causal=True, return_lse=True)
+                assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+                assert lse.shape == (2, 8, 100) and lse.dtype == torch.float32
+    nhd = qkv(layout="NHD", dtype=torch.bfloat16)
+    assert attn_fp8(*nhd, tensor_layout="NHD").shape == nhd[0].shape
+
+
+def test_fp8_signature_matches_sageattention():
+    # Positional order of SageAttention's sageattn_qk_int8_pv_fp8_cuda.
+    import inspect
+
+    params = list(inspect.signature(attn_fp8).parameters.items())
+    assert [(n, p.default) for n, p in params[3:]] == [
+        ("tensor_layout", "HND"), ("is_causal", False), ("qk_quant_gran", "per_thread"),
+        ("sm_scale", None), ("pv_accum_dtype", "fp32+fp16"), ("smooth_k", True),
+        ("smooth_v", False), ("return_lse", False)]
+
+
+@pytest.mark.parametrize("acc", ["fp32+fp8", "fp16 ", "FP32", "bf16", None, 32])
+def test_fp8_pv_accum_names_the_argument(fake, acc):
+    raises(ValueError, "^pv_accum_dtype must be one of 'fp32\\+fp16', 'fp32\\+fp32', 'fp32'; "
+           "got", attn_fp8, *qkv(), pv_accum_dtype=acc)
+
+
+def test_fp8_pv_accum_fp16_refused(fake):
+    raises(ValueError, "^pv_accum_dtype='fp16' is not offered: .*overflows.*'fp32\\+fp16'",
+           attn_fp8, *qkv(), pv_accum_dtype="fp16")
+
+
+def test_fp8_pv_accum_of_the_fp16_path_explained(fake):
+    raises(ValueError, "^pv_accum_dtype='fp16\\+fp32' is a mode of the FP16-PV path "
+           "\\(sageattn_qk_int8_pv_fp16_cuda\\)", attn_fp8, *qkv(), pv_accum_dtype="fp16+fp32")
+
+
+@pytest.mark.parametrize("gran", ["per_block", "", None])
+def test_fp8_qk_quant_gran(fake, gran):
+    raises(ValueError, "^qk_quant_gran must be one of 'per_thread', 'per_warp'", attn_fp8,
+           *qkv(), qk_quant_gran=gran)
+
+
+@pytest.mark.parametrize("flag", ["smooth_k", "smooth_v", "is_causal", "return_lse"])
+def test_fp8_flags_must_be_bool(fake, flag):
+    raises(TypeError, f"^{flag} must be a bool", attn_fp8, *qkv(), **{flag: 1})
+
+
+def test_fp8_shared_validation(fake):
+    q, k, v = qkv()
+    raises(ValueError, "^head dim 256", attn_fp8, *qkv(D=256))
+    raises(ValueError, "^q has 6 heads, which is not a multiple", attn_fp8, *qkv(H=6, Hkv=4))
+    raises(TypeError, "^v has dtype torch.bfloat16 but q has torch.float16", attn_fp8, q, k,
+           v.to(torch.bfloat16))
+    q.requires_grad_(True)
+    raises(ValueError, "^q requires grad", attn_fp8, q, k, v)
+
+
+def test_fp8_cpu_tensors():
+    q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
+    raises(ValueError, r"^q is on cpu.*sm89_attention", attn_fp8, q, q, q)
+
+
+def test_sageattn_path_sm89_accepted(fake):
+    assert attn(*qkv(), path="sm89").shape == (2, 4, 100, 64)

@@ -6,11 +6,13 @@
 #   bash tools/gpu_check.sh dist/X.whl      # install a prebuilt wheel instead
 #   bash tools/gpu_check.sh --no-install    # use whatever sageattn is installed
 #
-# Steps: install, `python -m sageattn`, `pytest -m gpu -s tests/gpu`, bench/bench_sm80.py.
+# Steps: install, `python -m sageattn`, `pytest -m gpu -s tests/gpu` (test_sm80.py and
+# test_sm89.py: the sm89 path is forced where it is not the default), bench/bench_paths.py
+# (sm80, sm89 fp32+fp32 and fp32+fp16, torch SDPA cuDNN and flash; about a minute on an H100).
 # Logs go to $OUT (or ./gpu_check_out); a short table of the steps and the headline numbers is
 # printed last. Environment: SAGEATTN_CUDA_ARCHS narrows the build (e.g. 90), STEPS picks steps
 # ("install probe tests bench"), BENCH_ARGS passes arguments to the benchmark, PYTEST_ARGS to
-# pytest. Exit status: 0 when every step ran and passed.
+# pytest (e.g. "-k sm89"). Exit status: 0 when every step ran and passed.
 set -uo pipefail
 
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -61,7 +63,7 @@ if want tests; then
 fi
 if want bench; then
   # shellcheck disable=SC2086
-  run_step bench "$OUT/bench.log" "$PY" "$ROOT/bench/bench_sm80.py" --out "$OUT/bench.md" \
+  run_step bench "$OUT/bench.log" "$PY" "$ROOT/bench/bench_paths.py" --out "$OUT/bench.md" \
     ${BENCH_ARGS:-}
 fi
 
@@ -73,6 +75,11 @@ fi
 if [[ -f "$OUT/pytest_gpu.log" ]]; then
   grep -E "^ACCEPT" "$OUT/pytest_gpu.log"
   grep -E "(passed|failed|error)" "$OUT/pytest_gpu.log" | tail -1
+fi
+if [[ -f "$OUT/gpu_errors.md" ]]; then
+  # The acceptance rows of the error table (kernel and emulator vs the fp32 reference).
+  head -2 "$OUT/gpu_errors.md"
+  grep -E "ACCEPT|torch SDPA" "$OUT/gpu_errors.md"
 fi
 if [[ -f "$OUT/bench.md" ]]; then
   cat "$OUT/bench.md"

@@ -6,12 +6,14 @@ kernels load on first use, per device. ``python -m sageattn`` prints what this i
 carries and checks it.
 """
 
-from .api import sageattn, sageattn_qk_int8_pv_fp16_cuda
+from .api import sageattn, sageattn_qk_int8_pv_fp16_cuda, sageattn_qk_int8_pv_fp8_cuda
 from .dispatch import PathUnavailableError, UnsupportedDeviceError, explain
-from ._loader import PackageError, build_info
+from ._build_info import build_info
+from ._loader import PackageError
 
 __all__ = [
-    "sageattn", "sageattn_qk_int8_pv_fp16_cuda", "explain", "build_info", "preload",
+    "sageattn", "sageattn_qk_int8_pv_fp16_cuda", "sageattn_qk_int8_pv_fp8_cuda", "explain",
+    "build_info", "preload",
     "UnsupportedDeviceError", "PathUnavailableError", "PackageError", "__version__",
 ]
 
@@ -40,3 +42,11 @@ def __getattr__(name):
                 continue
         return "0+unknown"
     raise AttributeError(f"module 'sageattn' has no attribute {name!r}")
+
+
+# The SDPA drop-in (sdpa.py): torch's signature, quantized where it applies.
+from .sdpa import (  # noqa: E402
+    patch_sdpa, reset_sdpa_stats, scaled_dot_product_attention, sdpa_stats)
+
+__all__ += ["scaled_dot_product_attention", "patch_sdpa", "sdpa_stats", "reset_sdpa_stats"]
+from .distributed import ring_attention, ulysses_attention  # noqa: E402  (sequence parallelism)

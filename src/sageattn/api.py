@@ -15,12 +15,13 @@ import torch
 from . import ops
 from .dispatch import PATHS
 
-__all__ = ["sageattn", "sageattn_qk_int8_pv_fp16_cuda"]
+__all__ = ["sageattn", "sageattn_qk_int8_pv_fp16_cuda", "sageattn_qk_int8_pv_fp8_cuda"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 _LAYOUTS = ("HND", "NHD")
 _GRANULARITIES = ("per_thread", "per_warp")
 _PV_ACCUM_SM80 = ("fp32", "fp16+fp32")
+_PV_ACCUM_SM89 = ("fp32+fp16", "fp32+fp32", "fp32")
 _MAX_HEAD_DIM = 128
 # The kernels keep sequence lengths and block counts in int32 fields.
 _MAX_SEQ = 2**31 - 1 - 128
@@ -52,7 +53,8 @@ def _validate(q, k, v, tensor_layout, is_causal, sm_scale, return_lse) -> float:
             raise ValueError(
                 f"{name} is on {x.device}, but sageattn runs on CUDA devices only; for "
                 f"{x.device.type} tensors use torch.nn.functional.scaled_dot_product_attention, "
-                "or sageattn.emulate.sm80_attention to emulate the quantized path")
+                "or sageattn.emulate.sm80_attention / sm89_attention to emulate the quantized "
+                "paths")
     for name, x in (("k", k), ("v", v)):
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}; q, k and v "
@@ -146,8 +148,9 @@ def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False,
         return_lse: also return the natural-log LSE of the scaled scores, fp32
             (B, Hq, Sq), exact for the unsmoothed scores (ready for ring/sequence-parallel
             merges).
-        path: force a path ("sm80", ...; default: ``$SAGEATTN_PATH`` or the dispatch
-            table). ``sageattn.explain()`` says which path runs and why.
+        path: force a path ("sm80", "sm89", ...; default: ``$SAGEATTN_PATH`` or the
+            dispatch table: sm89 with "fp32+fp16" accumulation on compute capability 8.9 and
+            12.x, sm80 on 8.0-8.7). ``sageattn.explain()`` says which path runs and why.
 
     Returns:
         The output in q's dtype and layout, contiguous in that layout (and the LSE).
@@ -196,4 +199,49 @@ def sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout: str = "HND", is_causal
                              sm_scale=scale, return_lse=return_lse, path="sm80",
                              entry="sageattn_qk_int8_pv_fp16_cuda", qk_quant_gran=qk_quant_gran,
                              pv_accum_dtype=pv_accum_dtype, smooth_k=smooth_k)
+    return (out, lse) if return_lse else out
+
+
+def sageattn_qk_int8_pv_fp8_cuda(q, k, v, tensor_layout: str = "HND", is_causal: bool = False,
+                                 qk_quant_gran: str = "per_thread",
+                                 sm_scale: Optional[float] = None,
+                                 pv_accum_dtype: str = "fp32+fp16", smooth_k: bool = True,
+                                 smooth_v: bool = False, return_lse: bool = False):
+    """The sm89 path by name: INT8 Q/K (``qk_quant_gran``), FP8 E4M3 P and V (SageAttention2
+    and 2++). Native on compute capability 8.9 and 12.x; correct but not fast on 9.0 (the
+    compiler emulates the E4M3 MMA there).
+
+    Takes the arguments of ``sageattn`` (same shapes, layouts, causal alignment, LSE) plus:
+        qk_quant_gran: "per_thread" (each thread's fragment rows/columns share a scale) or
+            "per_warp" (a warp's 16 rows / a 64-key block share one).
+        pv_accum_dtype: how each 64-key block's FP8 P.V product accumulates before it is
+            added to the fp32 output:
+            "fp32+fp16" (default, SageAttention2++): in fp16, about 2x the MMA rate on Ada and
+            Blackwell consumer GPUs; V is scaled to |V| <= 2.25 so a block cannot overflow.
+            "fp32+fp32": in a separate fp32 accumulator (two-level accumulation).
+            "fp32": straight into the fp32 output accumulator.
+        smooth_k: subtract K's per-channel mean before quantizing (softmax is unchanged;
+            the LSE is corrected back).
+        smooth_v: subtract V's per-channel mean before quantizing to FP8 (added back to the
+            output: rows of P sum to 1). Helps when channels of V are offset from zero.
+    """
+    scale = _validate(q, k, v, tensor_layout, is_causal, sm_scale, return_lse)
+    _check_choice("qk_quant_gran", qk_quant_gran, _GRANULARITIES)
+    if pv_accum_dtype == "fp16+fp32":
+        raise ValueError(f"pv_accum_dtype={pv_accum_dtype!r} is a mode of the FP16-PV path "
+                         "(sageattn_qk_int8_pv_fp16_cuda); the FP8-PV path takes "
+                         f"{', '.join(map(repr, _PV_ACCUM_SM89))}")
+    if pv_accum_dtype == "fp16":
+        raise ValueError("pv_accum_dtype='fp16' is not offered: accumulating P.V in fp16 "
+                         "across the whole key sequence overflows; use 'fp32+fp16' (default: "
+                         "fp16 inside a 64-key block, fp32 across blocks), 'fp32+fp32' or "
+                         "'fp32'")
+    _check_choice("pv_accum_dtype", pv_accum_dtype, _PV_ACCUM_SM89)
+    _check_flag("smooth_k", smooth_k)
+    _check_flag("smooth_v", smooth_v)
+    out, lse = ops.attention(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal,
+                             sm_scale=scale, return_lse=return_lse, path="sm89",
+                             entry="sageattn_qk_int8_pv_fp8_cuda", qk_quant_gran=qk_quant_gran,
+                             pv_accum_dtype=pv_accum_dtype, smooth_k=smooth_k,
+                             smooth_v=smooth_v)
     return (out, lse) if return_lse else out

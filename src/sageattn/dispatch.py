@@ -56,7 +56,8 @@ PATHS = {
     "sm89": PathSpec(
         "sm89", "sm89", "INT8 QK^T + FP8 e4m3 PV via mma.sync, fp32+fp16 accumulation "
         "(SageAttention2++)",
-        {"qk_quant_gran": "per_thread", "pv_accum_dtype": "fp32+fp16", "smooth_k": True}),
+        {"qk_quant_gran": "per_thread", "pv_accum_dtype": "fp32+fp16", "smooth_k": True,
+         "smooth_v": False}),
     "sm90": PathSpec(
         "sm90", "sm90", "wgmma INT8 QK^T + FP8 PV, TMA, warp-specialized (Hopper)",
         {"qk_quant_gran": "per_thread", "pv_accum_dtype": "fp32+fp32", "smooth_k": True}),
@@ -75,6 +76,8 @@ class Row:
     prefer: tuple            # paths of the default choice, best first
     reason: str
     explicit: tuple = ()     # paths this device runs only when asked for by name
+    # path -> configuration that replaces the path's defaults on this device
+    config: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 TABLE = (
@@ -84,14 +87,19 @@ TABLE = (
     Row(8, 7, ("sm80",), "Jetson Orin: the sm80 tree"),
     Row(8, 9, ("sm89", "sm80"), "Ada (L4, L40, RTX 40xx): FP8 PV with fp16 in-block "
         "accumulation (2++) is the design's path for 8.9"),
-    Row(9, 0, ("sm90", "sm89", "sm80"), "Hopper: only wgmma runs FP8 natively, so the sm90 "
-        "tree is the design's path for 9.0"),
+    # The sm89 tree runs on 9.0 (SASS sm_90) but its E4M3 MMA is emulated there with fp16
+    # MMAs: no faster than sm80 and less accurate (NOTES.md), so only when forced (tests).
+    Row(9, 0, ("sm90", "sm80"), "Hopper: only wgmma runs FP8 natively, so the sm90 tree is "
+        "the design's path for 9.0", explicit=("sm89",)),
     Row(10, None, ("sm89", "sm80"), "Blackwell datacenter (10.x): no tree of its own yet; the "
         "best tree that runs there"),
+    # per_warp Q/K scales on 12.x, as SageAttention 2.2.0 chooses for sm120 (DESIGN.md §4).
     Row(12, 0, ("sm89", "sm80"), "Blackwell consumer (RTX 50xx, RTX PRO): the sm89 tree "
-        "(2++, per-warp); SageAttention3 FP4 by explicit choice", explicit=("sm120_fp4",)),
+        "(2++, per-warp); SageAttention3 FP4 by explicit choice", explicit=("sm120_fp4",),
+        config={"sm89": {"qk_quant_gran": "per_warp"}}),
     Row(12, 1, ("sm89", "sm80"), "DGX Spark (12.1): the sm89 tree (2++, per-warp); "
-        "SageAttention3 FP4 by explicit choice", explicit=("sm120_fp4",)),
+        "SageAttention3 FP4 by explicit choice", explicit=("sm120_fp4",),
+        config={"sm89": {"qk_quant_gran": "per_warp"}}),
 )
 
 
@@ -159,7 +167,10 @@ class Choice:
 
     @property
     def defaults(self) -> dict:
-        return PATHS[self.path].defaults
+        """The path's configuration on this device: its defaults, updated by the table row."""
+        row = table_row(self.capability)
+        overrides = row.config.get(self.path, {}) if row is not None else {}
+        return {**PATHS[self.path].defaults, **overrides}
 
 
 def _cap_str(capability) -> str:
@@ -364,8 +375,13 @@ def explain(device=None, *, path: Optional[str] = None, head_dim: int = 128,
         config["pv_accum_dtype"] = pv_accum_dtype
     report.update(path=choice.path, runs_as=choice.runs_as, source=choice.source,
                   reason=choice.reason, config=config)
-    if choice.path == "sm80":
-        from .ops import sm80_kernel_names
+    from .ops import kernel_names
 
-        report["kernel"] = sm80_kernel_names(head_dim, config["pv_accum_dtype"])[-1]
+    try:
+        names = kernel_names(choice.path, head_dim, config["pv_accum_dtype"])
+    except ValueError as exc:        # a pv_accum_dtype the path does not offer
+        report["reason"] = f"{choice.reason}; {exc}"
+        return report
+    if names is not None:
+        report["kernel"] = names[-1]
     return report

@@ -1,24 +1,38 @@
-"""The sm80 path, step by step, in torch (CPU or GPU).
+"""The sm80 and sm89 paths, step by step, in torch (CPU or GPU).
 
-Follows "The sm80 path, exactly" in docs/ARCHITECTURE.md: the same padded buffers, the same
-quantization groups and scale layouts as the kernels' temporaries (so each step can be
-checked on its own), INT32 dot products done exactly, base-2 online softmax over 64-key
-blocks, P rounded to fp16, and both PV accumulation modes.
+Follows "The sm80 path, exactly" and "The sm89 path (INT8 QK + FP8 PV), exactly" in
+docs/ARCHITECTURE.md: the same padded buffers, the same quantization groups and scale layouts
+as the kernels' temporaries (so each step can be checked on its own), INT32 dot products done
+exactly, base-2 online softmax over 64-key blocks, then either P rounded to fp16 times fp16 V
+(sm80: ``sm80_attention``) or P scaled by 448 and rounded to FP8 E4M3 times per-channel E4M3 V
+(sm89: ``sm89_attention``), in every PV accumulation mode of the kernels.
 
 Where it cannot be bit-faithful to the kernels:
 
-* ``exp2``: the kernels use ``ex2.approx.ftz.f32`` (about 2 ulp); this uses torch's exp2.
-* Summation order: the K channel mean, the row sums ``l``, the LSE correction and the PV
-  products are summed in a different order (here the K mean and the PV products are summed
-  in float64 and rounded once, which is at least as accurate as the kernels).
-* ``fp16+fp32`` accumulation: each 16-key MMA step is modelled as an exact product of the
-  16 keys added to the fp16 accumulator and rounded once to fp16; how the tensor core
-  rounds inside one ``mma`` is not documented.
-* Division ``o / l``: the kernels may multiply by ``1/l``.
+* ``exp2``: the kernels use ``ex2.approx.ftz.f32`` (about 2 ulp); this uses torch's exp2. On
+  the FP8 path a P value within 2 ulp of an E4M3 rounding midpoint can therefore round to the
+  neighbouring E4M3 value (one E4M3 step is 1/16 to 1/8 relative), which is the main source of
+  kernel-vs-emulator differences there.
+* Summation order: the K and V channel means, the row sums ``l``, the LSE correction and the
+  PV products are summed in a different order (here the means and the PV products are summed
+  in float64 and rounded once, which is at least as accurate as the kernels). A V mean one ulp
+  away from the kernel's can move a V element to the neighbouring E4M3 value.
+* fp16 accumulation ("fp16+fp32" on sm80, "fp32+fp16" on sm89): each MMA k-step (16 keys for
+  fp16 ``mma.m16n8k16``, 32 keys for e4m3 ``mma.m16n8k32``) is modelled as the exact product
+  of its keys added to the fp16 accumulator and rounded once to fp16; how the tensor core
+  rounds inside one ``mma`` is not documented, and on sm_90 the compiler splits the e4m3
+  ``m16n8k32`` into two fp16 ``m16n8k16`` MMAs (rounding every 16 keys).
+* fp32 accumulation of a block ("fp32" and "fp32+fp32" on sm89, "fp32" on sm80): the block's
+  products are summed exactly and rounded once (E4M3 and fp16 products are exact in float64);
+  the tensor core rounds partial sums. The emulator's "fp32" and "fp32+fp32" are therefore the
+  same computation; they differ in the kernels only in where that rounding happens.
+* Division ``o / l`` on the sm80 path: the kernels multiply by ``1/l`` (the sm89 emulator does
+  the same, in the kernels' order: ``o * (1/l) * v_scale + v_mean``).
 
-Everything else (scales, INT8 values, scores ``s``, masks) is computed with the same fp32
-operations in the same order, so the quantized operands match the kernels' bit for bit.
-Padded key rows (``>= Sk``) are zero after smoothing, so they never raise a K scale.
+Everything else (scales, INT8 and E4M3 values, scores ``s``, masks) is computed with the same
+fp32 operations in the same order, so the quantized operands match the kernels' bit for bit
+given the same channel statistics. Padded key rows (``>= Sk``) are zero after smoothing, so
+they never raise a K scale, and they are +0 in the FP8 V tile.
 """
 
 from __future__ import annotations
@@ -35,11 +49,26 @@ __all__ = [
     "Quantized", "padded_head_dim", "q_group_of_row", "k_slot_of_key", "k_channel_mean",
     "quantize_q", "quantize_k", "convert_v", "lse_correction", "quantize", "attention",
     "sm80_attention",
+    # the sm89 path
+    "QuantizedFp8", "E4M3_MAX", "LOG2_P_SCALE_FP8", "PV_ACCUM_FP8", "e4m3_rn_satfinite",
+    "e4m3_bits", "e4m3_values", "fp8_pv_key_slot", "v_scale_max", "channel_stats",
+    "quantize_v_fp8", "v_fp8_key_major", "quantize_fp8", "attention_fp8", "sm89_attention",
 ]
 
 Q_BLOCK = 128     # query rows per CTA (8 warps x 16 rows)
 K_BLOCK = 64      # keys per main-loop step
 PV_K_STEP = 16    # keys per fp16 mma.m16n8k16 step of the PV product
+# Keys per e4m3 mma.m16n8k32 step of the FP8 PV product: where "fp32+fp16" rounds its fp16
+# accumulator. On sm_90 the compiler emulates that MMA with two fp16 m16n8k16 MMAs, which round
+# every 16 keys: set 16 to model an H100 (tests/gpu/test_sm89.py does).
+PV_K_STEP_FP8 = 32
+E4M3_MAX = 448.0  # largest finite E4M3 (e4m3fn) value
+# P is scaled into the E4M3 range by shifting the row max by log2(448) (the kernels'
+# kLog2PScale, an fp32 constant).
+LOG2_P_SCALE_FP8 = math.log2(E4M3_MAX)
+# pv_accum_dtype of the sm89 path -> scale_max of V: one 64-key block of the fp16-accumulated
+# mode sums to at most 64 * 448 * 2.25 = 64512 < 65504 (SageAttention2++).
+PV_ACCUM_FP8 = {"fp32": 448.0, "fp32+fp32": 448.0, "fp32+fp16": 2.25}
 _LOG2E = math.log2(math.e)
 
 
@@ -190,16 +219,18 @@ def _key_scales(k_scale: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return k_scale[:, :, keys // K_BLOCK, k_slot_of_key(keys)]             # (B, H, n)
 
 
-def _softmax_step(m, l, s):
+def _softmax_step(m, l, s, log2_p_scale: float = 0.0):
     """One base-2 online-softmax step over a key block: returns (m_new, l_new, alpha, p).
 
     A row with no visible key so far keeps ``m = -inf``; 0 stands in for it in ``exp2`` so
-    that ``p`` and ``alpha`` are 0 rather than NaN.
+    that ``p`` and ``alpha`` are 0 rather than NaN. ``log2_p_scale`` scales P (and ``l``) by
+    ``2^log2_p_scale`` through the shift ``m_use - log2_p_scale`` (fp32), as the kernels do.
     """
     m_new = torch.maximum(m, s.amax(dim=-1))
     m_use = torch.where(m_new == -math.inf, _f32(0.0, s.device), m_new)
     alpha = torch.exp2(m - m_use)
-    p = torch.exp2(s - m_use[..., None])
+    shift = m_use - _f32(log2_p_scale, s.device) if log2_p_scale else m_use
+    p = torch.exp2(s - shift[..., None])
     return m_new, l * alpha + p.sum(dim=-1), alpha, p
 
 
@@ -218,22 +249,16 @@ def _block_pv(p16: torch.Tensor, v16: torch.Tensor, pv_accum: str) -> torch.Tens
     raise ValueError(f"unknown pv accumulation {pv_accum!r}")
 
 
-def attention(qt: Quantized, *, seq_q: int, seq_k: int, head_dim: int, causal=False,
-              causal_offset: int = 0, pv_accum="fp32", out_dtype=torch.float16,
-              return_lse=False):
-    """Step 5 over quantized operands: returns out (B, Hq, Sq, head_dim) in ``out_dtype``
-    and, with ``return_lse``, the natural-log LSE (B, Hq, Sq) fp32 (else None)."""
-    B, Hq = qt.q_int8.shape[:2]
-    Hkv = qt.k_int8.shape[1]
+def _score_blocks(qt, seq_q: int, seq_k: int, causal: bool, causal_offset: int):
+    """The visible key blocks in order: yields ``(kb, kv_head, s)`` with ``s`` the block's
+    base-2 scores (B, Hq, Sq, 64), fp32, masked keys ``-inf``; ``kv_head`` maps query heads to
+    kv heads. Shared by both paths (steps 1-3 and the scores of step 5 are the same)."""
+    Hq, Hkv = qt.q_int8.shape[1], qt.k_int8.shape[1]
     dev = qt.q_int8.device
     kv_head = torch.arange(Hq, device=dev) // (Hq // Hkv)
     q = qt.q_int8[:, :, :seq_q].double()
     qs = _row_scales(qt.q_scale, seq_q)
     rows = torch.arange(seq_q, device=dev)
-    d_pad = qt.q_int8.shape[-1]
-    m = torch.full((B, Hq, seq_q), -math.inf, dtype=torch.float32, device=dev)
-    l = torch.zeros((B, Hq, seq_q), dtype=torch.float32, device=dev)
-    o = torch.zeros((B, Hq, seq_q, d_pad), dtype=torch.float32, device=dev)
     n_blocks = -(-seq_k // K_BLOCK)
     if causal:
         # Key blocks wholly above the last row's diagonal contribute nothing.
@@ -241,24 +266,51 @@ def attention(qt: Quantized, *, seq_q: int, seq_k: int, head_dim: int, causal=Fa
     for kb in range(n_blocks):
         keys = torch.arange(kb * K_BLOCK, (kb + 1) * K_BLOCK, device=dev)
         kblk = qt.k_int8[:, :, kb * K_BLOCK:(kb + 1) * K_BLOCK].index_select(1, kv_head)
-        vblk = qt.v_fp16[:, :, kb * K_BLOCK:(kb + 1) * K_BLOCK].index_select(1, kv_head)
         ks = _key_scales(qt.k_scale, keys).index_select(1, kv_head)
         dot = torch.matmul(q, kblk.double().transpose(-1, -2)).float()   # exact: |dot| < 2^24
         s = dot * (qs[..., None] * ks[:, :, None, :])
         hidden = (keys >= seq_k)[None, :]
         if causal:
             hidden = hidden | (keys[None, :] > rows[:, None] + causal_offset)
-        m, l, alpha, p = _softmax_step(m, l, s.masked_fill(hidden, -math.inf))
+        yield kb, kv_head, s.masked_fill(hidden, -math.inf)
+
+
+def _running_state(qt, seq_q: int):
+    """Fresh (m, l, o): row max -inf, row sum 0, output accumulator 0 (fp32)."""
+    B, Hq, _, d_pad = qt.q_int8.shape
+    dev = qt.q_int8.device
+    m = torch.full((B, Hq, seq_q), -math.inf, dtype=torch.float32, device=dev)
+    l = torch.zeros((B, Hq, seq_q), dtype=torch.float32, device=dev)
+    o = torch.zeros((B, Hq, seq_q, d_pad), dtype=torch.float32, device=dev)
+    return m, l, o
+
+
+def _lse(qt, m, l, seen, log2_p_scale: float = 0.0):
+    """Natural-log LSE of the unscaled probabilities plus the K-smoothing correction."""
+    dev = m.device
+    lse = m + torch.log2(torch.where(seen, l, 1))
+    if log2_p_scale:
+        lse = lse - _f32(log2_p_scale, dev)
+    lse = lse * _f32(math.log(2.0), dev)
+    if qt.lse_correction is not None:
+        lse = lse + qt.lse_correction
+    return torch.where(seen, lse, _f32(-math.inf, dev))
+
+
+def attention(qt: Quantized, *, seq_q: int, seq_k: int, head_dim: int, causal=False,
+              causal_offset: int = 0, pv_accum="fp32", out_dtype=torch.float16,
+              return_lse=False):
+    """Step 5 over quantized operands: returns out (B, Hq, Sq, head_dim) in ``out_dtype``
+    and, with ``return_lse``, the natural-log LSE (B, Hq, Sq) fp32 (else None)."""
+    m, l, o = _running_state(qt, seq_q)
+    for kb, kv_head, s in _score_blocks(qt, seq_q, seq_k, causal, causal_offset):
+        vblk = qt.v_fp16[:, :, kb * K_BLOCK:(kb + 1) * K_BLOCK].index_select(1, kv_head)
+        m, l, alpha, p = _softmax_step(m, l, s)
         o = o * alpha[..., None] + _block_pv(p.half(), vblk, pv_accum)
     seen = l > 0
     out = torch.where(seen[..., None], o / torch.where(seen, l, 1)[..., None], 0)
     out = out[..., :head_dim].to(out_dtype)
-    if not return_lse:
-        return out, None
-    lse = (m + torch.log2(torch.where(seen, l, 1))) * _f32(math.log(2.0), dev)
-    if qt.lse_correction is not None:
-        lse = lse + qt.lse_correction
-    return out, torch.where(seen, lse, _f32(-math.inf, dev))
+    return out, (_lse(qt, m, l, seen) if return_lse else None)
 
 
 def sm80_attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None,
@@ -276,6 +328,191 @@ def sm80_attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=No
     out, lse = attention(qt, seq_q=Sq, seq_k=Sk, head_dim=D, causal=is_causal,
                          causal_offset=(Sk - Sq) if causal_offset is None else causal_offset,
                          pv_accum=pv_accum_dtype, out_dtype=q.dtype, return_lse=return_lse)
+    if tensor_layout == "NHD":
+        out = out.transpose(1, 2).contiguous()
+    return (out, lse) if return_lse else out
+
+
+# ---- the sm89 path: INT8 QK^T + FP8 E4M3 PV ---------------------------------------------
+
+@dataclass
+class QuantizedFp8:
+    """The sm89 kernels' temporaries, in their layouts (``QuantParams`` in ``_abi.py``)."""
+
+    q_int8: torch.Tensor                    # int8 (B, Hq, q_blocks*128, D_pad)
+    q_scale: torch.Tensor                   # fp32 (B, Hq, q_blocks, 64)
+    k_int8: torch.Tensor                    # int8 (B, Hkv, k_blocks*64, D_pad)
+    k_scale: torch.Tensor                   # fp32 (B, Hkv, k_blocks, 4)
+    v_fp8: torch.Tensor                     # uint8 E4M3 codes (B, Hkv, k_blocks, D_pad, 64)
+    v_scale: torch.Tensor                   # fp32 (B, Hkv, D_pad)
+    v_mean: Optional[torch.Tensor]          # fp32 (B, Hkv, D_pad) or None (no V smoothing)
+    k_mean: Optional[torch.Tensor]          # fp32 (B, Hkv, D_pad) or None
+    lse_correction: Optional[torch.Tensor]  # fp32 (B, Hq, Sq) or None
+
+
+def e4m3_rn_satfinite(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the nearest E4M3 value, ties to even, saturated to +-448, returned as fp32: what
+    ``cvt.rn.satfinite.e4m3x2.f32`` computes (NaN stays NaN).
+
+    E4M3 has 3 mantissa bits: a value with leading bit ``2^E`` (E >= -6) lies on a grid of
+    ``2^(E-3)``; below the smallest normal ``2^-6`` the subnormals share the grid ``2^-9``.
+    Division by the grid step is exact, so ``torch.round`` (half to even) rounds exactly.
+    Written out rather than taken from ``x.to(torch.float8_e4m3fn)``, whose out-of-range
+    behaviour has changed between torch versions (a CPU test checks the two agree in range).
+    """
+    x = torch.clamp(x.float(), -E4M3_MAX, E4M3_MAX)
+    _, exp = torch.frexp(x)                       # x = f * 2^exp, 0.5 <= |f| < 1
+    step = torch.exp2((exp - 4).clamp(min=-9).float())
+    return torch.round(x / step) * step
+
+
+def e4m3_bits(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> E4M3 codes (uint8: sign, 4 exponent bits with bias 7, 3 mantissa bits),
+    rounded as ``e4m3_rn_satfinite``; the cast of an exact E4M3 value is exact."""
+    return e4m3_rn_satfinite(x).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def e4m3_values(codes: torch.Tensor) -> torch.Tensor:
+    """E4M3 codes (uint8) -> fp32 values (exact)."""
+    return codes.view(torch.float8_e4m3fn).float()
+
+
+def fp8_pv_key_slot(p):
+    """Slot of key ``p`` (0..63 of a block) in the FP8 V^T tile (``fp8_pv_key_slot`` in
+    kernels/common/quantize.cuh): an e4m3 ``mma.m16n8k32`` A fragment gives lane c the k
+    indices 4c..4c+3 and 16+4c..16+4c+3 of a 32-key step, while the score accumulator gives
+    it keys 8j+2c, 8j+2c+1 of each 8-key tile j; storing V's keys in this order lets the score
+    registers serve as the A fragment as they stand. The sum over keys does not depend on it."""
+    step, half, j, c, e = p // 32, (p % 32) // 16, (p % 16) // 8, (p % 8) // 2, p % 2
+    return 32 * step + 16 * half + 4 * c + 2 * j + e
+
+
+_KEY_SLOTS = [fp8_pv_key_slot(p) for p in range(K_BLOCK)]
+
+
+def v_scale_max(pv_accum: str) -> float:
+    """The E4M3 value |V - mean| maps to: 448, or 2.25 for "fp32+fp16" (no fp16 overflow)."""
+    try:
+        return PV_ACCUM_FP8[pv_accum]
+    except KeyError:
+        raise ValueError(f"unknown FP8 pv accumulation {pv_accum!r}") from None
+
+
+def channel_stats(x: torch.Tensor, head_dim_padded: int, *, mean=True, minmax=False):
+    """``sm89_channel_stats``: per-channel (mean, min, max) over tokens, fp32 (B, H, D_pad)
+    each (None where not asked for), padded columns 0."""
+    B, H, S, D = x.shape
+    lo = hi = None
+    if minmax:
+        lo = torch.zeros((B, H, head_dim_padded), dtype=torch.float32, device=x.device)
+        hi = torch.zeros_like(lo)
+        lo[:, :, :D] = x.float().amin(dim=2)
+        hi[:, :, :D] = x.float().amax(dim=2)
+    return (k_channel_mean(x, head_dim_padded) if mean else None), lo, hi
+
+
+def quantize_v_fp8(v: torch.Tensor, mean: Optional[torch.Tensor], vmin: torch.Tensor,
+                   vmax: torch.Tensor, scale_max: float, head_dim_padded: int):
+    """Step 5 of the sm89 path: V (minus ``mean`` when smoothing) to E4M3 per channel.
+
+    Returns ``(v_fp8, v_scale)``: E4M3 codes in the kernels' transposed, key-permuted tile
+    layout (B, H, k_blocks, D_pad, 64), key ``p`` of a block at slot ``fp8_pv_key_slot(p)``,
+    padded keys and channels +0; and ``v_scale = amax / scale_max`` (B, H, D_pad) fp32.
+    """
+    B, H, S, D = v.shape
+    blocks = -(-S // K_BLOCK)
+    dev = v.device
+    mu = mean if mean is not None else torch.zeros_like(vmin)
+    amax = torch.maximum(vmax - mu, mu - vmin).clamp(min=0)   # channel_amax in quantize.cuh
+    smax = _f32(scale_max, dev)
+    inv = torch.where(amax > 0, smax / amax, _f32(0.0, dev))
+    x = torch.zeros((B, H, blocks * K_BLOCK, head_dim_padded), dtype=torch.float32, device=dev)
+    x[:, :, :S, :D] = (v.float() - mu[:, :, None, :D]) * inv[:, :, None, :D]
+    keys_major = e4m3_bits(x).view(B, H, blocks, K_BLOCK, head_dim_padded).transpose(-1, -2)
+    tile = torch.empty_like(keys_major)
+    tile[..., _KEY_SLOTS] = keys_major
+    return tile.contiguous(), amax / smax
+
+
+def v_fp8_key_major(v_fp8: torch.Tensor, kb: int) -> torch.Tensor:
+    """Key block ``kb`` of an FP8 V^T tile as fp32 values in key order, (B, H, 64, D_pad)."""
+    return e4m3_values(v_fp8[:, :, kb][..., _KEY_SLOTS]).transpose(-1, -2)
+
+
+def quantize_fp8(q, k, v, *, sm_scale: float, granularity="per_thread", smooth_k=True,
+                 smooth_v=False, pv_accum="fp32+fp16", want_lse_correction=False
+                 ) -> QuantizedFp8:
+    """Steps 1-5 of the sm89 path on (B, H, S, D) views: mirrors the channel-stats (K mean;
+    V min/max and mean) and the fused quantize kernels."""
+    D = q.shape[-1]
+    d_pad = padded_head_dim(D)
+    s2 = _f32(sm_scale * _LOG2E, q.device)
+    k_mean = k_channel_mean(k, d_pad) if smooth_k else None
+    q_i8, q_scale = quantize_q(q, s2, granularity, d_pad)
+    k_i8, k_scale = quantize_k(k, k_mean, granularity, d_pad)
+    v_mean, v_min, v_max = channel_stats(v, d_pad, mean=smooth_v, minmax=True)
+    v8, v_scale = quantize_v_fp8(v, v_mean, v_min, v_max, v_scale_max(pv_accum), d_pad)
+    corr = lse_correction(q, k_mean, sm_scale) if (smooth_k and want_lse_correction) else None
+    return QuantizedFp8(q_i8, q_scale, k_i8, k_scale, v8, v_scale, v_mean, k_mean, corr)
+
+
+def _block_pv_fp8(p8: torch.Tensor, v8: torch.Tensor, pv_accum: str) -> torch.Tensor:
+    """One key block's P8 @ V8 (E4M3 values as fp32) as fp32, accumulated as the mode does.
+
+    E4M3 products have at most 8 significant bits, so float64 sums of a block are exact.
+    """
+    if pv_accum in ("fp32", "fp32+fp32"):
+        return torch.matmul(p8.double(), v8.double()).float()
+    if pv_accum == "fp32+fp16":
+        acc = torch.zeros(p8.shape[:-1] + v8.shape[-1:], dtype=torch.float16, device=p8.device)
+        for c in range(0, p8.shape[-1], PV_K_STEP_FP8):
+            step = torch.matmul(p8[..., c:c + PV_K_STEP_FP8].double(),
+                                v8[..., c:c + PV_K_STEP_FP8, :].double())
+            acc = (acc.double() + step).half()     # inf past 65504, as the fp16 MMA
+        return acc.float()
+    raise ValueError(f"unknown FP8 pv accumulation {pv_accum!r}")
+
+
+def attention_fp8(qt: QuantizedFp8, *, seq_q: int, seq_k: int, head_dim: int, causal=False,
+                  causal_offset: int = 0, pv_accum="fp32+fp16", out_dtype=torch.float16,
+                  return_lse=False):
+    """Step 6 of the sm89 path over quantized operands: ``p = exp2(s - m + log2 448)`` (fp32),
+    row sums from fp32 ``p``, ``p8 = E4M3(p)``, ``o = o*alpha + p8 @ v8`` in the mode's
+    accumulation; out = ``o * (1/l) * v_scale + v_mean`` (zeros for rows with no visible key)
+    in ``out_dtype``, (B, Hq, Sq, head_dim); LSE natural-log fp32 (B, Hq, Sq) or None."""
+    m, l, o = _running_state(qt, seq_q)
+    for kb, kv_head, s in _score_blocks(qt, seq_q, seq_k, causal, causal_offset):
+        m, l, alpha, p = _softmax_step(m, l, s, LOG2_P_SCALE_FP8)
+        v8 = v_fp8_key_major(qt.v_fp8, kb).index_select(1, kv_head)
+        o = o * alpha[..., None] + _block_pv_fp8(e4m3_rn_satfinite(p), v8, pv_accum)
+    Hq, Hkv = qt.q_int8.shape[1], qt.k_int8.shape[1]
+    kv_head = torch.arange(Hq, device=o.device) // (Hq // Hkv)
+    seen = l > 0
+    inv = torch.where(seen, 1 / torch.where(seen, l, 1), _f32(0.0, o.device))
+    out = o * inv[..., None] * qt.v_scale.index_select(1, kv_head)[:, :, None, :]
+    if qt.v_mean is not None:   # not for rows with no visible key: those stay 0
+        mean = qt.v_mean.index_select(1, kv_head)[:, :, None, :]
+        out = torch.where(seen[..., None], out + mean, out)
+    out = out[..., :head_dim].to(out_dtype)
+    lse = _lse(qt, m, l, seen, LOG2_P_SCALE_FP8) if return_lse else None
+    return out, lse
+
+
+def sm89_attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None,
+                   qk_quant_gran="per_thread", pv_accum_dtype="fp32+fp16", smooth_k=True,
+                   smooth_v=False, return_lse=False, causal_offset=None):
+    """The whole sm89 path on any device: same arguments and result as
+    ``sageattn_qk_int8_pv_fp8_cuda`` (output in the input dtype and layout, contiguous; LSE
+    fp32 (B, Hq, Sq)). ``causal_offset`` defaults to ``Sk - Sq`` (bottom-right)."""
+    qh, kh, vh = (to_hnd(x, tensor_layout) for x in (q, k, v))
+    D = qh.shape[-1]
+    Sq, Sk = qh.shape[2], kh.shape[2]
+    scale = D ** -0.5 if sm_scale is None else float(sm_scale)
+    qt = quantize_fp8(qh, kh, vh, sm_scale=scale, granularity=qk_quant_gran, smooth_k=smooth_k,
+                      smooth_v=smooth_v, pv_accum=pv_accum_dtype, want_lse_correction=return_lse)
+    out, lse = attention_fp8(qt, seq_q=Sq, seq_k=Sk, head_dim=D, causal=is_causal,
+                             causal_offset=(Sk - Sq) if causal_offset is None else causal_offset,
+                             pv_accum=pv_accum_dtype, out_dtype=q.dtype, return_lse=return_lse)
     if tensor_layout == "NHD":
         out = out.transpose(1, 2).contiguous()
     return (out, lse) if return_lse else out

@@ -1,4 +1,5 @@
-"""Torch-side execution: the ``sageattn::attention`` custom op and the sm80 launch sequence.
+"""Torch-side execution: the ``sageattn::attention`` custom op and the launch sequences of the
+sm80 and sm89 trees.
 
 ``attention`` is what the public API calls with validated arguments. In eager mode it runs
 the implementation directly; while ``torch.compile`` traces (or for tensor subclasses such
@@ -9,9 +10,14 @@ through the op on the H100 machine, torch 2.11; a no-op custom op costs 14 us vs
 plain function on torch 2.13 CPU). ``ALWAYS_USE_OP = True`` routes every call through it.
 
 Device queries (``dispatch.resolve``) happen inside the implementation, never in traced
-code. The sm80 sequence per call (docs/ARCHITECTURE.md, "kernel table"): optional
-``sm80_channel_stats`` (K mean), one fused quantize launch, one attention launch, all on
-``torch.cuda.current_stream(device)``, with temporaries from torch's caching allocator.
+code. Per call (docs/ARCHITECTURE.md, "kernel table"), all on
+``torch.cuda.current_stream(device)``, with temporaries from torch's caching allocator:
+
+* sm80: optional ``sm80_channel_stats`` (K mean), one fused quantize launch (Q, K to INT8,
+  V to fp16), one attention launch.
+* sm89: optional ``sm89_channel_stats`` on K (mean), ``sm89_channel_stats`` on V (min/max,
+  and mean with ``smooth_v``), one fused quantize launch (Q, K to INT8, V to a transposed
+  E4M3 tile), one attention launch.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import torch
 
 from . import _abi, _loader, dispatch
 
-__all__ = ["attention", "sm80_forward", "sm80_kernel_names", "ALWAYS_USE_OP", "POISON"]
+__all__ = ["attention", "sm80_forward", "sm89_forward", "kernel_names", "sm80_kernel_names",
+           "sm89_kernel_names", "ALWAYS_USE_OP", "POISON"]
 
 ALWAYS_USE_OP = False
 # Debug aid: fill every buffer the kernels should write (temporaries, out, lse) with NaN
@@ -35,18 +42,45 @@ POISON = os.environ.get("SAGEATTN_DEBUG_POISON", "") not in ("", "0")
 _DTYPE_CODE = {torch.float16: _abi.DTYPE_FP16, torch.bfloat16: _abi.DTYPE_BF16}
 _GRAN_CODE = {"per_thread": _abi.GRAN_PER_THREAD, "per_warp": _abi.GRAN_PER_WARP}
 _ACC_TAG = {"fp32": "acc32", "fp16+fp32": "acc16x32"}
+_ACC_TAG_FP8 = {"fp32": "acc32", "fp32+fp32": "acc32x32", "fp32+fp16": "acc16x32"}
+# |V - mean| maps to this E4M3 value: 448 = E4M3 max, or 2.25 when the block product
+# accumulates in fp16 (64 keys * 448 * 2.25 = 64512 < 65504; DESIGN.md section 3).
+_V_SCALE_MAX = {"fp32": 448.0, "fp32+fp32": 448.0, "fp32+fp16": 2.25}
 _Q_BLOCK, _K_BLOCK = 128, 64
 _LOG2E = math.log2(math.e)
+
+
+def _checked(pv_accum_dtype: str, tags: dict, path: str) -> str:
+    try:
+        return tags[pv_accum_dtype]
+    except KeyError:
+        raise ValueError(f"pv_accum_dtype must be one of {', '.join(map(repr, tags))} on the "
+                         f"{path} path; got {pv_accum_dtype!r}") from None
 
 
 def sm80_kernel_names(head_dim: int, pv_accum_dtype: str) -> tuple:
     """(channel stats, quantize, attention) kernel names of the sm80 tree for a call."""
     d_pad = 64 if head_dim <= 64 else 128
+    tag = _checked(pv_accum_dtype, _ACC_TAG, "sm80")
     return ("sm80_channel_stats", f"sm80_quantize_qk_int8_v_fp16_hd{d_pad}",
-            f"sm80_qkint8_pvfp16_{_ACC_TAG[pv_accum_dtype]}_hd{d_pad}")
+            f"sm80_qkint8_pvfp16_{tag}_hd{d_pad}")
 
 
-# ---- the sm80 path ---------------------------------------------------------------------
+def sm89_kernel_names(head_dim: int, pv_accum_dtype: str) -> tuple:
+    """(channel stats, quantize, attention) kernel names of the sm89 tree for a call."""
+    d_pad = 64 if head_dim <= 64 else 128
+    tag = _checked(pv_accum_dtype, _ACC_TAG_FP8, "sm89")
+    return ("sm89_channel_stats", f"sm89_quantize_qk_int8_v_fp8_hd{d_pad}",
+            f"sm89_qkint8_pvfp8_{tag}_hd{d_pad}")
+
+
+def kernel_names(path: str, head_dim: int, pv_accum_dtype: str) -> Optional[tuple]:
+    """The kernels a call on ``path`` launches (None for a path without a runner here)."""
+    names = {"sm80": sm80_kernel_names, "sm89": sm89_kernel_names}.get(path)
+    return names(head_dim, pv_accum_dtype) if names else None
+
+
+# ---- the mma.sync trees: sm80 (FP16 PV) and sm89 (FP8 PV) ------------------------------
 
 def _hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.transpose(1, 2) if layout == "NHD" else x
@@ -83,13 +117,26 @@ def _launch(k: _loader.Kernel, device: int, grid: tuple, params, stream: int) ->
                          bytes(params))
 
 
-def sm80_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
-                 return_lse: bool, qk_quant_gran: str, pv_accum_dtype: str, smooth_k: bool,
-                 tree: str = "sm80"):
-    """Run the sm80 kernels on validated tensors; returns (out, lse or None).
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
 
-    ``out`` has the input dtype and layout and is contiguous in that layout.
-    """
+
+def _channel_stats(kernel, ordinal, stream, x, strides, head_dim, d_pad, dtype_code, *,
+                   mean=None, minimum=None, maximum=None) -> None:
+    """One channel-stats launch over an HND view; None outputs are not computed."""
+    B, H, S = x.shape[:3]
+    p = _abi.ChannelStatsParams(
+        src=x.data_ptr(), src_stride_b=strides[0], src_stride_h=strides[1],
+        src_stride_s=strides[2], mean=_ptr(mean), minimum=_ptr(minimum), maximum=_ptr(maximum),
+        batch=B, heads=H, seq=S, head_dim=head_dim, head_dim_padded=d_pad, in_dtype=dtype_code,
+        vectorized=_vectorized(x, strides, head_dim))
+    _launch(kernel, ordinal, (d_pad // 64, H, B), p, stream)
+
+
+def _mma_sync_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
+                      qk_quant_gran, smooth_k, tree, names, fp8_pv):
+    """The launch sequence of the mma.sync trees (sm80: fp16 V; sm89: ``fp8_pv`` =
+    (v_scale_max, smooth_v), E4M3 V^T tiles with per-channel scales)."""
     qh, kh, vh = (_hnd(x, tensor_layout) for x in (q, k, v))
     B, Hq, Sq, D = qh.shape
     Hkv, Sk = kh.shape[1], kh.shape[2]
@@ -99,72 +146,110 @@ def sm80_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
     ordinal = dev.index if dev.index is not None else 0
     dtype_code = _DTYPE_CODE[q.dtype]
     smooth_lse = smooth_k and return_lse
-    names = sm80_kernel_names(D, pv_accum_dtype)
+    f32 = torch.float32
     with _device_guard(dev):
         stats_kernel, quant_kernel, attn_kernel = (
             _loader.kernel(tree, n, ordinal) for n in names)
         stream = _current_stream(dev)
         out = _empty((B, Hq, Sq, D) if tensor_layout == "HND" else (B, Sq, Hq, D), q.dtype, dev)
         out_h = _hnd(out, tensor_layout)
-        lse = _empty((B, Hq, Sq), torch.float32, dev) if return_lse else None
+        lse = _empty((B, Hq, Sq), f32, dev) if return_lse else None
         # Separate allocations: carving one buffer into views measured no faster on the host
         # (each view op costs about what a caching-allocator hit does).
         q_i8 = _empty((B, Hq, q_blocks * _Q_BLOCK, d_pad), torch.int8, dev)
-        q_scale = _empty((B, Hq, q_blocks, 64), torch.float32, dev)
+        q_scale = _empty((B, Hq, q_blocks, 64), f32, dev)
         k_i8 = _empty((B, Hkv, k_blocks * _K_BLOCK, d_pad), torch.int8, dev)
-        k_scale = _empty((B, Hkv, k_blocks, 4), torch.float32, dev)
-        v16 = _empty((B, Hkv, k_blocks * _K_BLOCK, d_pad), torch.float16, dev)
-        k_mean = _empty((B, Hkv, d_pad), torch.float32, dev) if smooth_k else None
-        lse_corr = _empty((B, Hq, Sq), torch.float32, dev) if smooth_lse else None
+        k_scale = _empty((B, Hkv, k_blocks, 4), f32, dev)
+        k_mean = _empty((B, Hkv, d_pad), f32, dev) if smooth_k else None
+        lse_corr = _empty((B, Hq, Sq), f32, dev) if smooth_lse else None
         qs, ks, vs = _strides(qh), _strides(kh), _strides(vh)
+        v16 = v8 = v_scale = v_mean = v_min = v_max = None
+        if fp8_pv is None:
+            v16 = _empty((B, Hkv, k_blocks * _K_BLOCK, d_pad), torch.float16, dev)
+        else:
+            scale_max, smooth_v = fp8_pv
+            # V^T per 64-key block, keys in fp8_pv_key_slot order (docs/ARCHITECTURE.md).
+            v8 = _empty((B, Hkv, k_blocks, d_pad, _K_BLOCK), torch.uint8, dev)
+            v_scale, v_min, v_max = (_empty((B, Hkv, d_pad), f32, dev) for _ in range(3))
+            v_mean = _empty((B, Hkv, d_pad), f32, dev) if smooth_v else None
 
         if smooth_k:
-            p = _abi.ChannelStatsParams(
-                src=kh.data_ptr(), src_stride_b=ks[0], src_stride_h=ks[1], src_stride_s=ks[2],
-                mean=k_mean.data_ptr(), minimum=0, maximum=0, batch=B, heads=Hkv, seq=Sk,
-                head_dim=D, head_dim_padded=d_pad, in_dtype=dtype_code,
-                vectorized=_vectorized(kh, ks, D))
-            _launch(stats_kernel, ordinal, (d_pad // 64, Hkv, B), p, stream)
+            _channel_stats(stats_kernel, ordinal, stream, kh, ks, D, d_pad, dtype_code,
+                           mean=k_mean)
+        if fp8_pv is not None:
+            _channel_stats(stats_kernel, ordinal, stream, vh, vs, D, d_pad, dtype_code,
+                           mean=v_mean, minimum=v_min, maximum=v_max)
 
         p = _abi.QuantParams(
             q=qh.data_ptr(), q_stride_b=qs[0], q_stride_h=qs[1], q_stride_s=qs[2],
             k=kh.data_ptr(), k_stride_b=ks[0], k_stride_h=ks[1], k_stride_s=ks[2],
             v=vh.data_ptr(), v_stride_b=vs[0], v_stride_h=vs[1], v_stride_s=vs[2],
-            k_mean=k_mean.data_ptr() if smooth_k else 0,
-            q_int8=q_i8.data_ptr(), q_scale=q_scale.data_ptr(),
-            k_int8=k_i8.data_ptr(), k_scale=k_scale.data_ptr(), v_fp16=v16.data_ptr(),
-            lse_correction=lse_corr.data_ptr() if smooth_lse else 0,
+            k_mean=_ptr(k_mean), q_int8=q_i8.data_ptr(), q_scale=q_scale.data_ptr(),
+            k_int8=k_i8.data_ptr(), k_scale=k_scale.data_ptr(), v_fp16=_ptr(v16),
+            lse_correction=_ptr(lse_corr),
             batch=B, heads_q=Hq, heads_kv=Hkv, seq_q=Sq, seq_k=Sk, head_dim=D,
             head_dim_padded=d_pad, q_blocks=q_blocks, k_blocks=k_blocks, in_dtype=dtype_code,
             granularity=_GRAN_CODE[qk_quant_gran], vec_q=_vectorized(qh, qs, D),
             vec_k=_vectorized(kh, ks, D), vec_v=_vectorized(vh, vs, D),
-            sm_scale=sm_scale, sm_scale_log2e=sm_scale * _LOG2E)
+            sm_scale=sm_scale, sm_scale_log2e=sm_scale * _LOG2E,
+            v_fp8=_ptr(v8), v_scale=_ptr(v_scale), v_mean=_ptr(v_mean), v_min=_ptr(v_min),
+            v_max=_ptr(v_max), v_scale_max=fp8_pv[0] if fp8_pv is not None else 0.0)
         _launch(quant_kernel, ordinal, (B * Hq * q_blocks + 2 * B * Hkv * k_blocks, 1, 1), p,
                 stream)
 
         os_ = out_h.stride()
         p = _abi.AttnParams(
             q_int8=q_i8.data_ptr(), q_scale=q_scale.data_ptr(),
-            k_int8=k_i8.data_ptr(), k_scale=k_scale.data_ptr(), v=v16.data_ptr(),
+            k_int8=k_i8.data_ptr(), k_scale=k_scale.data_ptr(),
+            v=v16.data_ptr() if v8 is None else v8.data_ptr(),
             out=out_h.data_ptr(), out_stride_b=os_[0], out_stride_h=os_[1],
-            out_stride_s=os_[2], lse=lse.data_ptr() if return_lse else 0,
-            lse_correction=lse_corr.data_ptr() if smooth_lse else 0,
+            out_stride_s=os_[2], lse=_ptr(lse), lse_correction=_ptr(lse_corr),
             causal_offset=(Sk - Sq) if is_causal else 0,
             batch=B, heads_q=Hq, heads_kv=Hkv, seq_q=Sq, seq_k=Sk, head_dim_out=D,
-            q_blocks=q_blocks, k_blocks=k_blocks, causal=int(is_causal), out_dtype=dtype_code)
+            q_blocks=q_blocks, k_blocks=k_blocks, causal=int(is_causal), out_dtype=dtype_code,
+            v_scale=_ptr(v_scale), v_mean=_ptr(v_mean))
         # One CTA per q_rows query rows (from the manifest; 128 = a whole quantization block).
         q_rows = attn_kernel.q_rows or _Q_BLOCK
         _launch(attn_kernel, ordinal, (q_blocks * (_Q_BLOCK // q_rows), Hq, B), p, stream)
     return out, lse
 
 
+def sm80_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
+                 return_lse: bool, qk_quant_gran: str, pv_accum_dtype: str, smooth_k: bool,
+                 smooth_v: bool = False, tree: str = "sm80"):
+    """Run the sm80 kernels on validated tensors; returns (out, lse or None).
+
+    ``out`` has the input dtype and layout and is contiguous in that layout.
+    """
+    if smooth_v:
+        raise ValueError("smooth_v=True is not offered on the sm80 path (FP16 PV needs no V "
+                         "smoothing); use the sm89 path (sageattn_qk_int8_pv_fp8_cuda)")
+    return _mma_sync_forward(
+        q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
+        return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
+        names=sm80_kernel_names(q.shape[-1], pv_accum_dtype), fp8_pv=None)
+
+
+def sm89_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
+                 return_lse: bool, qk_quant_gran: str, pv_accum_dtype: str, smooth_k: bool,
+                 smooth_v: bool = False, tree: str = "sm89"):
+    """Run the sm89 kernels (INT8 QK^T, FP8 E4M3 PV) on validated tensors; returns
+    (out, lse or None), ``out`` in the input dtype and layout, contiguous in that layout."""
+    names = sm89_kernel_names(q.shape[-1], pv_accum_dtype)
+    return _mma_sync_forward(
+        q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
+        return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
+        names=names, fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)))
+
+
 dispatch.RUNNERS["sm80"] = sm80_forward
+dispatch.RUNNERS["sm89"] = sm89_forward
 
 
 # ---- the op ----------------------------------------------------------------------------
 
 def _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
-          qk_quant_gran, pv_accum_dtype, smooth_k):
+          qk_quant_gran, pv_accum_dtype, smooth_k, smooth_v=None):
     index = q.device.index or 0   # CUDA tensors always carry their index
     choice = dispatch.resolve(index, path or None, entry or None)
     cfg = choice.defaults
@@ -172,23 +257,31 @@ def _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran or cfg["qk_quant_gran"],
         pv_accum_dtype=pv_accum_dtype or cfg["pv_accum_dtype"],
-        smooth_k=cfg["smooth_k"] if smooth_k is None else smooth_k, tree=choice.tree)
+        smooth_k=cfg["smooth_k"] if smooth_k is None else smooth_k,
+        smooth_v=cfg.get("smooth_v", False) if smooth_v is None else smooth_v, tree=choice.tree)
     return out, lse
 
 
+def _flag(value: int) -> Optional[bool]:
+    return None if value < 0 else bool(value)
+
+
+# One op for every path: the path and its configuration are arguments ("" / -1: the path's
+# default), so torch.compile traces one graph node whatever the device picks at run time.
+# smooth_v (the sm89 path) came after the first schema, hence its default.
 @torch.library.custom_op("sageattn::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_layout: str,
                   is_causal: bool, sm_scale: float, return_lse: bool, path: str, entry: str,
-                  qk_quant_gran: str, pv_accum_dtype: str, smooth_k: int
+                  qk_quant_gran: str, pv_accum_dtype: str, smooth_k: int, smooth_v: int = -1
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
-                     qk_quant_gran, pv_accum_dtype, None if smooth_k < 0 else bool(smooth_k))
+                     qk_quant_gran, pv_accum_dtype, _flag(smooth_k), _flag(smooth_v))
     return out, (lse if lse is not None else q.new_empty((0,), dtype=torch.float32))
 
 
 @_attention_op.register_fake
 def _(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry, qk_quant_gran,
-      pv_accum_dtype, smooth_k):
+      pv_accum_dtype, smooth_k, smooth_v=-1):
     B, Hq, Sq, D = _hnd(q, tensor_layout).shape
     shape = (B, Hq, Sq, D) if tensor_layout == "HND" else (B, Sq, Hq, D)
     out = q.new_empty(shape)
@@ -203,12 +296,13 @@ def _traced(*tensors) -> bool:
 def attention(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
               return_lse: bool, path: Optional[str] = None, entry: Optional[str] = None,
               qk_quant_gran: Optional[str] = None, pv_accum_dtype: Optional[str] = None,
-              smooth_k: Optional[bool] = None):
+              smooth_k: Optional[bool] = None, smooth_v: Optional[bool] = None):
     """Validated call -> (out, lse or None). None config values take the path's defaults."""
     if ALWAYS_USE_OP or _traced(q, k, v):
         out, lse = _attention_op(q, k, v, tensor_layout, is_causal, sm_scale, return_lse,
                                  path or "", entry or "", qk_quant_gran or "",
-                                 pv_accum_dtype or "", -1 if smooth_k is None else int(smooth_k))
+                                 pv_accum_dtype or "", -1 if smooth_k is None else int(smooth_k),
+                                 -1 if smooth_v is None else int(smooth_v))
         return out, (lse if return_lse else None)
     return _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
-                 qk_quant_gran, pv_accum_dtype, smooth_k)
+                 qk_quant_gran, pv_accum_dtype, smooth_k, smooth_v)
