@@ -15,7 +15,8 @@ import torch
 from . import ops
 from .dispatch import PATHS
 
-__all__ = ["sageattn", "sageattn_qk_int8_pv_fp16_cuda", "sageattn_qk_int8_pv_fp8_cuda"]
+__all__ = ["sageattn", "sageattn_qk_int8_pv_fp16_cuda", "sageattn_qk_int8_pv_fp8_cuda",
+           "sparse_sageattn", "sageattn_varlen"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 _LAYOUTS = ("HND", "NHD")
@@ -244,4 +245,109 @@ def sageattn_qk_int8_pv_fp8_cuda(q, k, v, tensor_layout: str = "HND", is_causal:
                              entry="sageattn_qk_int8_pv_fp8_cuda", qk_quant_gran=qk_quant_gran,
                              pv_accum_dtype=pv_accum_dtype, smooth_k=smooth_k,
                              smooth_v=smooth_v)
+    return (out, lse) if return_lse else out
+
+
+def _check_path(path) -> None:
+    if path is not None and (not isinstance(path, str) or (path != "auto" and path not in PATHS)):
+        raise ValueError(f"path must be None, 'auto' or one of {', '.join(map(repr, PATHS))}; "
+                         f"got {path!r}")
+
+
+def sparse_sageattn(q, k, v, mask_id=None, is_causal: bool = False, tensor_layout: str = "HND",
+                    sm_scale: Optional[float] = None, return_lse: bool = False,
+                    path: Optional[str] = None):
+    """Block-sparse ``sageattn``: ``mask_id`` selects which (128 query x 64 key) blocks run.
+
+    Args (as ``sageattn``), plus:
+        mask_id: bool or integer tensor of shape (B, Hq, ceil(Sq/128), ceil(Sk/64)), or any
+            shape that broadcasts to it (e.g. (1, Hq, ...) for one mask per head); nonzero =
+            compute the block, 0 = skip it (no loads, no matrix products). ``None``: dense.
+            Causal masking, when asked, applies on top of it.
+
+    Query rows whose every visible block is skipped return zeros (and LSE ``-inf``).
+    Eager only for now: calls inside ``torch.compile`` raise.
+    """
+    scale = _validate(q, k, v, tensor_layout, is_causal, sm_scale, return_lse)
+    _check_path(path)
+    block_mask = None
+    if mask_id is not None:
+        _check_tensor("mask_id", mask_id)
+        if mask_id.device != q.device:
+            raise ValueError(f"mask_id is on {mask_id.device} but q is on {q.device}")
+        if mask_id.dtype.is_floating_point or mask_id.dtype.is_complex:
+            raise TypeError(f"mask_id must be a bool or integer tensor, got {mask_id.dtype}")
+        s_dim, h_dim = (2, 1) if tensor_layout == "HND" else (1, 2)
+        B, Hq, Sq, Sk = q.shape[0], q.shape[h_dim], q.shape[s_dim], k.shape[s_dim]
+        want = (B, Hq, -(-Sq // 128), -(-Sk // 64))
+        try:
+            expanded = torch.broadcast_shapes(tuple(mask_id.shape), want)
+        except RuntimeError:
+            expanded = None
+        if mask_id.dim() > 4 or expanded != want:
+            raise ValueError(f"mask_id has shape {tuple(mask_id.shape)}, which does not broadcast "
+                             f"to (B, Hq, ceil(Sq/128), ceil(Sk/64)) = {want}")
+        # int8 copy (the kernel reads bytes), then a stride-0 broadcast view: no B*H copies.
+        block_mask = (mask_id != 0).to(torch.int8).expand(want)
+    out, lse = ops.attention(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal,
+                             sm_scale=scale, return_lse=return_lse, path=path,
+                             block_mask=block_mask)
+    return (out, lse) if return_lse else out
+
+
+def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                    is_causal: bool = False, sm_scale: Optional[float] = None,
+                    smooth_k: bool = True, return_lse: bool = False, path: Optional[str] = None):
+    """Attention over packed variable-length sequences.
+
+    Args:
+        q: (total_q, Hq, D); k, v: (total_k, Hkv, D): the sequences of a batch concatenated
+            along dim 0 (fp16/bf16, contiguous last dim, Hkv divides Hq, D in 1..128).
+        cu_seqlens_q, cu_seqlens_k: int32 tensors of B+1 offsets on q's device (starting at 0,
+            non-decreasing, ending at total); sequence i is rows cu[i]:cu[i+1]. Empty
+            sequences are allowed.
+        max_seqlen_q, max_seqlen_k: Python ints >= every sequence's length (checked).
+        is_causal: bottom-right per sequence (key j visible to query i iff
+            j <= i + len_k - len_q).
+        return_lse: also return the natural-log LSE, fp32, (Hq, total_q).
+
+    Returns the packed output (total_q, Hq, D) in q's dtype. The offsets are checked on the
+    host (one small device-to-host copy per call). Eager only for now.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be packed (total, H, D), got shape {tuple(x.shape)}")
+    for name, x in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or not 1 <= x <= _MAX_SEQ:
+            raise ValueError(f"{name} must be an int in 1..{_MAX_SEQ}, got {x!r}")
+    _check_flag("smooth_k", smooth_k)
+    _check_path(path)
+    # Validate shapes/dtypes/devices through the dense checks on (1, H, total, D) views.
+    scale = _validate(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), "NHD", is_causal, sm_scale,
+                      return_lse)
+    cus = []
+    for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                     ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        _check_tensor(name, cu)
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of B+1 offsets, got "
+                             f"{cu.dtype} shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+        host = cu.cpu()
+        lengths = host[1:] - host[:-1]
+        if host[0] != 0 or host[-1] != total or bool((lengths < 0).any()):
+            raise ValueError(f"{name} must start at 0, not decrease, and end at {total} (the "
+                             f"packed length); got {host.tolist()[:8]}...")
+        if int(lengths.max()) > longest:
+            raise ValueError(f"{name} has a sequence of length {int(lengths.max())} > "
+                             f"{'max_seqlen_q' if name.endswith('q') else 'max_seqlen_k'}={longest}")
+        cus.append(cu if cu.is_contiguous() else cu.contiguous())
+    if cus[0].numel() != cus[1].numel():
+        raise ValueError(f"cu_seqlens_q has {cus[0].numel() - 1} sequences but cu_seqlens_k has "
+                         f"{cus[1].numel() - 1}")
+    out, lse = ops.attention(q, k, v, tensor_layout="HND", is_causal=is_causal, sm_scale=scale,
+                             return_lse=return_lse, path=path, smooth_k=smooth_k,
+                             varlen=(cus[0], cus[1], int(max_seqlen_q), int(max_seqlen_k)))
     return (out, lse) if return_lse else out

@@ -121,25 +121,39 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _channel_stats(kernel, ordinal, stream, x, strides, head_dim, d_pad, dtype_code, *,
-                   mean=None, minimum=None, maximum=None) -> None:
-    """One channel-stats launch over an HND view; None outputs are not computed."""
-    B, H, S = x.shape[:3]
+def _channel_stats(kernel, ordinal, stream, x, geometry, strides, head_dim, d_pad, dtype_code, *,
+                   cu_seqlens=None, mean=None, minimum=None, maximum=None) -> None:
+    """One channel-stats launch; ``geometry`` = (B, H, S) (S: the longest sequence when
+    ``cu_seqlens`` packs varlen sequences). None outputs are not computed."""
+    B, H, S = geometry
     p = _abi.ChannelStatsParams(
         src=x.data_ptr(), src_stride_b=strides[0], src_stride_h=strides[1],
         src_stride_s=strides[2], mean=_ptr(mean), minimum=_ptr(minimum), maximum=_ptr(maximum),
         batch=B, heads=H, seq=S, head_dim=head_dim, head_dim_padded=d_pad, in_dtype=dtype_code,
-        vectorized=_vectorized(x, strides, head_dim))
+        vectorized=_vectorized(x, strides, head_dim), cu_seqlens=_ptr(cu_seqlens))
     _launch(kernel, ordinal, (d_pad // 64, H, B), p, stream)
 
 
 def _mma_sync_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
-                      qk_quant_gran, smooth_k, tree, names, fp8_pv):
+                      qk_quant_gran, smooth_k, tree, names, fp8_pv, block_mask=None, varlen=None):
     """The launch sequence of the mma.sync trees (sm80: fp16 V; sm89: ``fp8_pv`` =
-    (v_scale_max, smooth_v), E4M3 V^T tiles with per-channel scales)."""
-    qh, kh, vh = (_hnd(x, tensor_layout) for x in (q, k, v))
-    B, Hq, Sq, D = qh.shape
-    Hkv, Sk = kh.shape[1], kh.shape[2]
+    (v_scale_max, smooth_v), E4M3 V^T tiles with per-channel scales).
+
+    ``block_mask``: int8 (B, Hq, q_blocks, k_blocks) view (stride 0 broadcasts) or None.
+    ``varlen``: (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for packed
+    (total, H, D) inputs; the output is packed the same way and the LSE is (Hq, total_q)."""
+    if varlen is None:
+        qh, kh, vh = (_hnd(x, tensor_layout) for x in (q, k, v))
+        B, Hq, Sq, D = qh.shape
+        Hkv, Sk = kh.shape[1], kh.shape[2]
+        qs, ks, vs = _strides(qh), _strides(kh), _strides(vh)
+        cu_q = cu_k = None
+    else:
+        cu_q, cu_k, Sq, Sk = varlen
+        qh, kh, vh = q, k, v
+        B, (Hq, D), Hkv = cu_q.numel() - 1, q.shape[1:], k.shape[1]
+        # (b, h, s) strides of a packed (total, H, D) tensor: no batch stride, tokens along dim 0.
+        qs, ks, vs = ((0, x.stride(1), x.stride(0)) for x in (q, k, v))
     d_pad = 64 if D <= 64 else 128
     q_blocks, k_blocks = -(-Sq // _Q_BLOCK), -(-Sk // _K_BLOCK)
     dev = q.device
@@ -151,9 +165,17 @@ def _mma_sync_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse
         stats_kernel, quant_kernel, attn_kernel = (
             _loader.kernel(tree, n, ordinal) for n in names)
         stream = _current_stream(dev)
-        out = _empty((B, Hq, Sq, D) if tensor_layout == "HND" else (B, Sq, Hq, D), q.dtype, dev)
-        out_h = _hnd(out, tensor_layout)
-        lse = _empty((B, Hq, Sq), f32, dev) if return_lse else None
+        if varlen is None:
+            out = _empty((B, Hq, Sq, D) if tensor_layout == "HND" else (B, Sq, Hq, D), q.dtype, dev)
+            out_h = _hnd(out, tensor_layout)
+            os_ = out_h.stride()
+            lse = _empty((B, Hq, Sq), f32, dev) if return_lse else None
+            lse_strides = (Hq * Sq, Sq)
+        else:
+            out = _empty(q.shape, q.dtype, dev)
+            os_ = (0, out.stride(1), out.stride(0))
+            lse = _empty((Hq, q.shape[0]), f32, dev) if return_lse else None
+            lse_strides = (0, q.shape[0])
         # Separate allocations: carving one buffer into views measured no faster on the host
         # (each view op costs about what a caching-allocator hit does).
         q_i8 = _empty((B, Hq, q_blocks * _Q_BLOCK, d_pad), torch.int8, dev)
@@ -162,7 +184,6 @@ def _mma_sync_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse
         k_scale = _empty((B, Hkv, k_blocks, 4), f32, dev)
         k_mean = _empty((B, Hkv, d_pad), f32, dev) if smooth_k else None
         lse_corr = _empty((B, Hq, Sq), f32, dev) if smooth_lse else None
-        qs, ks, vs = _strides(qh), _strides(kh), _strides(vh)
         v16 = v8 = v_scale = v_mean = v_min = v_max = None
         if fp8_pv is None:
             v16 = _empty((B, Hkv, k_blocks * _K_BLOCK, d_pad), torch.float16, dev)
@@ -174,11 +195,11 @@ def _mma_sync_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse
             v_mean = _empty((B, Hkv, d_pad), f32, dev) if smooth_v else None
 
         if smooth_k:
-            _channel_stats(stats_kernel, ordinal, stream, kh, ks, D, d_pad, dtype_code,
-                           mean=k_mean)
+            _channel_stats(stats_kernel, ordinal, stream, kh, (B, Hkv, Sk), ks, D, d_pad,
+                           dtype_code, cu_seqlens=cu_k, mean=k_mean)
         if fp8_pv is not None:
-            _channel_stats(stats_kernel, ordinal, stream, vh, vs, D, d_pad, dtype_code,
-                           mean=v_mean, minimum=v_min, maximum=v_max)
+            _channel_stats(stats_kernel, ordinal, stream, vh, (B, Hkv, Sk), vs, D, d_pad,
+                           dtype_code, cu_seqlens=cu_k, mean=v_mean, minimum=v_min, maximum=v_max)
 
         p = _abi.QuantParams(
             q=qh.data_ptr(), q_stride_b=qs[0], q_stride_h=qs[1], q_stride_s=qs[2],
@@ -193,21 +214,26 @@ def _mma_sync_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse
             vec_k=_vectorized(kh, ks, D), vec_v=_vectorized(vh, vs, D),
             sm_scale=sm_scale, sm_scale_log2e=sm_scale * _LOG2E,
             v_fp8=_ptr(v8), v_scale=_ptr(v_scale), v_mean=_ptr(v_mean), v_min=_ptr(v_min),
-            v_max=_ptr(v_max), v_scale_max=fp8_pv[0] if fp8_pv is not None else 0.0)
+            v_max=_ptr(v_max), v_scale_max=fp8_pv[0] if fp8_pv is not None else 0.0,
+            cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k))
         _launch(quant_kernel, ordinal, (B * Hq * q_blocks + 2 * B * Hkv * k_blocks, 1, 1), p,
                 stream)
 
-        os_ = out_h.stride()
+        mask_strides = block_mask.stride() if block_mask is not None else (0, 0, 0, 0)
         p = _abi.AttnParams(
             q_int8=q_i8.data_ptr(), q_scale=q_scale.data_ptr(),
             k_int8=k_i8.data_ptr(), k_scale=k_scale.data_ptr(),
             v=v16.data_ptr() if v8 is None else v8.data_ptr(),
-            out=out_h.data_ptr(), out_stride_b=os_[0], out_stride_h=os_[1],
+            out=out.data_ptr(), out_stride_b=os_[0], out_stride_h=os_[1],
             out_stride_s=os_[2], lse=_ptr(lse), lse_correction=_ptr(lse_corr),
             causal_offset=(Sk - Sq) if is_causal else 0,
             batch=B, heads_q=Hq, heads_kv=Hkv, seq_q=Sq, seq_k=Sk, head_dim_out=D,
             q_blocks=q_blocks, k_blocks=k_blocks, causal=int(is_causal), out_dtype=dtype_code,
-            v_scale=_ptr(v_scale), v_mean=_ptr(v_mean))
+            v_scale=_ptr(v_scale), v_mean=_ptr(v_mean),
+            lse_stride_b=lse_strides[0], lse_stride_h=lse_strides[1],
+            cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k), block_mask=_ptr(block_mask),
+            mask_stride_b=mask_strides[0], mask_stride_h=mask_strides[1],
+            mask_stride_q=mask_strides[2], mask_stride_k=mask_strides[3])
         # One CTA per q_rows query rows (from the manifest; 128 = a whole quantization block).
         q_rows = attn_kernel.q_rows or _Q_BLOCK
         _launch(attn_kernel, ordinal, (q_blocks * (_Q_BLOCK // q_rows), Hq, B), p, stream)
@@ -216,7 +242,7 @@ def _mma_sync_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse
 
 def sm80_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
                  return_lse: bool, qk_quant_gran: str, pv_accum_dtype: str, smooth_k: bool,
-                 smooth_v: bool = False, tree: str = "sm80"):
+                 smooth_v: bool = False, tree: str = "sm80", block_mask=None, varlen=None):
     """Run the sm80 kernels on validated tensors; returns (out, lse or None).
 
     ``out`` has the input dtype and layout and is contiguous in that layout.
@@ -227,19 +253,21 @@ def sm80_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
     return _mma_sync_forward(
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
-        names=sm80_kernel_names(q.shape[-1], pv_accum_dtype), fp8_pv=None)
+        names=sm80_kernel_names(q.shape[-1], pv_accum_dtype), fp8_pv=None,
+        block_mask=block_mask, varlen=varlen)
 
 
 def sm89_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
                  return_lse: bool, qk_quant_gran: str, pv_accum_dtype: str, smooth_k: bool,
-                 smooth_v: bool = False, tree: str = "sm89"):
+                 smooth_v: bool = False, tree: str = "sm89", block_mask=None, varlen=None):
     """Run the sm89 kernels (INT8 QK^T, FP8 E4M3 PV) on validated tensors; returns
     (out, lse or None), ``out`` in the input dtype and layout, contiguous in that layout."""
     names = sm89_kernel_names(q.shape[-1], pv_accum_dtype)
     return _mma_sync_forward(
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
-        names=names, fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)))
+        names=names, fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)),
+        block_mask=block_mask, varlen=varlen)
 
 
 dispatch.RUNNERS["sm80"] = sm80_forward
@@ -249,7 +277,7 @@ dispatch.RUNNERS["sm89"] = sm89_forward
 # ---- the op ----------------------------------------------------------------------------
 
 def _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
-          qk_quant_gran, pv_accum_dtype, smooth_k, smooth_v=None):
+          qk_quant_gran, pv_accum_dtype, smooth_k, smooth_v=None, **geometry):
     index = q.device.index or 0   # CUDA tensors always carry their index
     choice = dispatch.resolve(index, path or None, entry or None)
     cfg = choice.defaults
@@ -258,7 +286,8 @@ def _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran or cfg["qk_quant_gran"],
         pv_accum_dtype=pv_accum_dtype or cfg["pv_accum_dtype"],
         smooth_k=cfg["smooth_k"] if smooth_k is None else smooth_k,
-        smooth_v=cfg.get("smooth_v", False) if smooth_v is None else smooth_v, tree=choice.tree)
+        smooth_v=cfg.get("smooth_v", False) if smooth_v is None else smooth_v, tree=choice.tree,
+        **geometry)
     return out, lse
 
 
@@ -296,8 +325,20 @@ def _traced(*tensors) -> bool:
 def attention(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
               return_lse: bool, path: Optional[str] = None, entry: Optional[str] = None,
               qk_quant_gran: Optional[str] = None, pv_accum_dtype: Optional[str] = None,
-              smooth_k: Optional[bool] = None, smooth_v: Optional[bool] = None):
-    """Validated call -> (out, lse or None). None config values take the path's defaults."""
+              smooth_k: Optional[bool] = None, smooth_v: Optional[bool] = None,
+              block_mask: Optional[torch.Tensor] = None, varlen: Optional[tuple] = None):
+    """Validated call -> (out, lse or None). None config values take the path's defaults.
+
+    ``block_mask`` / ``varlen`` (sparse_sageattn / sageattn_varlen) run eagerly only: they are
+    not part of the custom op's schema yet, so tracing them raises instead of dropping them."""
+    if block_mask is not None or varlen is not None:
+        if _traced(q, k, v):
+            raise NotImplementedError(
+                f"{entry or 'this entry point'} is not traceable by torch.compile yet (block-sparse "
+                "and varlen calls are not custom ops); call it outside the compiled region")
+        return _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
+                     qk_quant_gran, pv_accum_dtype, smooth_k, smooth_v, block_mask=block_mask,
+                     varlen=varlen)
     if ALWAYS_USE_OP or _traced(q, k, v):
         out, lse = _attention_op(q, k, v, tensor_layout, is_causal, sm_scale, return_lse,
                                  path or "", entry or "", qk_quant_gran or "",
