@@ -138,16 +138,30 @@ struct WarpRows {
   static_assert(kPasses >= 1 && kRowsPerWarp % kRowsPerPass == 0, "rows per warp");
 };
 
+/// Which block of which (b, h) a quantizer job covers, and where this thread works in it: its
+/// warp, and the 8-element chunk of each row its lane loads.
+template <int kHeadDim, int kRowsPerWarp>
+struct JobLanes {
+  using G = WarpRows<kHeadDim, kRowsPerWarp>;
+  int warp, blk, bh, h, b, chunk, row_in_pass, d0;
+  __device__ __forceinline__ JobLanes(int job, int blocks, int heads) {
+    const int lane = threadIdx.x % 32;
+    warp = threadIdx.x / 32;
+    blk = job % blocks, bh = job / blocks;
+    h = bh % heads, b = bh / heads;
+    chunk = lane % G::kLanesPerRow, row_in_pass = lane / G::kLanesPerRow;
+    d0 = chunk * 8;
+  }
+};
+
 /// @brief Q job: 128 rows (8 warps x 16) of one (b, h, q_block).
 template <int kHeadDim>
 __device__ __forceinline__ void quantize_q_block(const QuantParams& p, int job) {
   using G = WarpRows<kHeadDim, 16>;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int qb = job % p.q_blocks, bh = job / p.q_blocks;
-  const int h = bh % p.heads_q, b = bh / p.heads_q;
+  const JobLanes<kHeadDim, 16> j(job, p.q_blocks, p.heads_q);
+  const int warp = j.warp, qb = j.blk, bh = j.bh, h = j.h, b = j.b, chunk = j.chunk,
+            row_in_pass = j.row_in_pass, d0 = j.d0;
   const int hkv = h / (p.heads_q / p.heads_kv);
-  const int chunk = lane % G::kLanesPerRow, row_in_pass = lane / G::kLanesPerRow;
-  const int d0 = chunk * 8;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
   const SeqSpan span = seq_span(p.cu_seqlens_q, b, p.seq_q);
   const u16* src = rows_of(p.q, p.q_stride_b, p.q_stride_h, p.q_stride_s, p.cu_seqlens_q, b, h, span);
@@ -216,11 +230,9 @@ template <int kHeadDim>
 __device__ __forceinline__ void quantize_k_block(const QuantParams& p, int job) {
   using G = WarpRows<kHeadDim, 8>;
   __shared__ float key_amax[kKBlockRows];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int kb = job % p.k_blocks, bh = job / p.k_blocks;
-  const int h = bh % p.heads_kv, b = bh / p.heads_kv;
-  const int chunk = lane % G::kLanesPerRow, row_in_pass = lane / G::kLanesPerRow;
-  const int d0 = chunk * 8;
+  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv);
+  const int warp = j.warp, kb = j.blk, bh = j.bh, h = j.h, b = j.b, chunk = j.chunk,
+            row_in_pass = j.row_in_pass, d0 = j.d0;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
   const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
   const u16* src = rows_of(p.k, p.k_stride_b, p.k_stride_h, p.k_stride_s, p.cu_seqlens_k, b, h, span);
@@ -279,11 +291,9 @@ __device__ __forceinline__ void quantize_k_block(const QuantParams& p, int job) 
 template <int kHeadDim>
 __device__ __forceinline__ void convert_v_block(const QuantParams& p, int job) {
   using G = WarpRows<kHeadDim, 8>;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int kb = job % p.k_blocks, bh = job / p.k_blocks;
-  const int h = bh % p.heads_kv, b = bh / p.heads_kv;
-  const int chunk = lane % G::kLanesPerRow, row_in_pass = lane / G::kLanesPerRow;
-  const int d0 = chunk * 8;
+  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv);
+  const int warp = j.warp, kb = j.blk, bh = j.bh, h = j.h, b = j.b, chunk = j.chunk,
+            row_in_pass = j.row_in_pass, d0 = j.d0;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
   const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
   const u16* src = rows_of(p.v, p.v_stride_b, p.v_stride_h, p.v_stride_s, p.cu_seqlens_k, b, h, span);
@@ -320,11 +330,9 @@ template <int kHeadDim>
 __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, int job) {
   using G = WarpRows<kHeadDim, 8>;
   __shared__ __align__(16) unsigned char tile[kHeadDim * kKBlockRows];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int kb = job % p.k_blocks, bh = job / p.k_blocks;
-  const int h = bh % p.heads_kv, b = bh / p.heads_kv;
-  const int chunk = lane % G::kLanesPerRow, row_in_pass = lane / G::kLanesPerRow;
-  const int d0 = chunk * 8;
+  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv);
+  const int warp = j.warp, kb = j.blk, bh = j.bh, h = j.h, b = j.b, chunk = j.chunk,
+            row_in_pass = j.row_in_pass, d0 = j.d0;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
   const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
   const u16* src = rows_of(p.v, p.v_stride_b, p.v_stride_h, p.v_stride_s, p.cu_seqlens_k, b, h, span);
