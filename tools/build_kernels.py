@@ -4,6 +4,12 @@
 CMake runs this at build time; by hand:
 
     python tools/build_kernels.py --out build/kernels [--archs "80;90"] [--toolchain nvcc|nvrtc]
+    python tools/build_kernels.py --out build/kernels --flavour cu128   # a release flavour
+    python tools/build_kernels.py --verify build/kernels --flavour cu128
+
+A flavour (tools/flavours.py) fixes the toolchain and its CUDA version (checked), the fatbin
+packing options and the `flavour` recorded in the manifest.  `--verify` checks a prebuilt kernel
+directory (CMake's SAGEATTN_PREBUILT_KERNEL_DIR) against this source tree instead of building.
 
 For each tree of `tools/kernel_table.py`: write one translation unit (an `extern "C"` wrapper per
 kernel around the tree's templates), compile it once per architecture in parallel (a cubin per
@@ -135,12 +141,17 @@ class Toolchain:
     def version(self) -> str:
         raise NotImplementedError
 
+    def cuda_versions(self) -> list[str]:
+        """major.minor of every CUDA component used (compared with a flavour's `cuda`)."""
+        raise NotImplementedError
+
     def compile(self, source: Path, include_dirs: list[Path], arch: Arch, out: Path) -> str:
         """Write `out` (cubin for a real arch, PTX for a virtual one); return the tool's log."""
         raise NotImplementedError
 
-    def pack(self, images: list[tuple[Arch, Path]], out: Path) -> None:
-        """Write the fatbin `out` holding every image."""
+    def pack(self, images: list[tuple[Arch, Path]], out: Path, options: tuple = ()) -> None:
+        """Write the fatbin `out` holding every image; `options` in fatbinary's spelling
+        (`--compress-all`)."""
         raise NotImplementedError
 
 
@@ -156,19 +167,25 @@ class Nvcc(Toolchain):
 
     name = "nvcc"
 
-    def __init__(self) -> None:
-        self.nvcc = self._find()
+    def __init__(self, python_path_first: bool = False) -> None:
+        self.nvcc = self._find(python_path_first)
         self.fatbinary = self.nvcc.parent / "fatbinary"
         if not self.fatbinary.is_file():
             raise FileNotFoundError(f"fatbinary not found next to {self.nvcc}")
 
     @staticmethod
-    def _find() -> Path:
+    def _find(python_path_first: bool) -> Path:
+        # PyPI's CUDA 13 nvidia-cuda-nvcc wheel installs a whole nvcc as nvidia/cu13/bin/nvcc.
+        from_python = sorted(str(p) for entry in sys.path if entry
+                             for p in Path(entry).glob("nvidia/*/bin/nvcc"))
         candidates = [os.environ.get("SAGEATTN_NVCC")]
+        if python_path_first:  # a flavour build: its pinned wheel, not whatever toolkit is around
+            candidates += from_python
         candidates += [os.path.join(os.environ[v], "bin", "nvcc")
                        for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
         candidates += [str(Path(d) / "nvcc") for d in os.environ.get("PATH", "").split(os.pathsep) if d]
         candidates.append("/usr/local/cuda/bin/nvcc")
+        candidates += from_python
         for c in candidates:
             if c and os.path.isfile(c) and os.access(c, os.X_OK):
                 # A wrapper script on PATH (`exec .../nvcc "$@"`) hides the real bin directory,
@@ -191,6 +208,9 @@ class Nvcc(Toolchain):
         m = re.search(r"V(\d+\.\d+\.\d+)", text)
         return f"nvcc {m.group(1) if m else 'unknown'}"
 
+    def cuda_versions(self) -> list[str]:
+        return [".".join(self.version().split()[-1].split(".")[:2])]
+
     def compile(self, source, include_dirs, arch, out):
         cmd = [str(self.nvcc), *NVCC_FLAGS, *(f"-I{d}" for d in include_dirs)]
         if arch.virtual:
@@ -199,19 +219,21 @@ class Nvcc(Toolchain):
             cmd += ["-cubin", f"-gencode=arch={arch.compute},code={arch.name}"]
         return _run(cmd + ["-o", str(out), str(source)])
 
-    def pack(self, images, out):
-        cmd = [str(self.fatbinary), f"--create={out}", "-64"]
+    def pack(self, images, out, options=()):
+        cmd = [str(self.fatbinary), f"--create={out}", "-64", *options]
         for arch, path in images:
             kind = "ptx" if arch.virtual else "elf"
             cmd.append(f"--image3=kind={kind},sm={arch.code},file={path}")
         _run(cmd)
 
 
-def make_toolchain(name: str) -> Toolchain:
+def make_toolchain(name: str, flavour=None) -> Toolchain:
+    """`flavour` (tools/flavours.py): prefer its PyPI toolchain over any other installed."""
     if name == "nvcc":
-        return Nvcc()
+        return Nvcc(python_path_first=flavour is not None)
     if name == "nvrtc":
-        return _load(Path(__file__).with_name("nvrtc_toolchain.py"), "_sageattn_nvrtc").Nvrtc(NVRTC_FLAGS)
+        nvrtc = _load(Path(__file__).with_name("nvrtc_toolchain.py"), "_sageattn_nvrtc")
+        return nvrtc.Nvrtc(NVRTC_FLAGS, flavour.cuda.split(".")[0] if flavour else None)
     raise ValueError(f"unknown toolchain {name!r} (expected nvcc or nvrtc)")
 
 
@@ -231,7 +253,14 @@ def check_params_header(abi) -> None:
 
 
 def git_revision() -> str:
-    """Short commit hash, `+dirty` when tracked files changed; `unknown` outside a git checkout."""
+    """Short commit hash, `+dirty` when tracked files changed. Outside a git checkout: the
+    `.git_revision` file that tools/flavours.py stage writes (a staged tree, its sdist), else
+    `unknown`. SAGEATTN_GIT_REVISION overrides both."""
+    if os.environ.get("SAGEATTN_GIT_REVISION"):
+        return os.environ["SAGEATTN_GIT_REVISION"]
+    if not (REPO / ".git").exists():
+        stamp = REPO / ".git_revision"
+        return stamp.read_text().strip() if stamp.is_file() else "unknown"
     try:
         rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, check=True).stdout.strip()
@@ -261,7 +290,7 @@ def _compile(toolchain: Toolchain, job: Job, include_dirs: list[Path]) -> Job:
 
 
 def build(out_dir: Path, work_dir: Path, tokens: list[str] | None, toolchain: Toolchain,
-          include_dirs: list[Path], jobs: int) -> dict:
+          include_dirs: list[Path], jobs: int, flavour=None) -> dict:
     abi = _load(ABI_SOURCE, "_sageattn_abi")
     table = _load(REPO / "tools" / "kernel_table.py", "_sageattn_kernel_table")
     check_params_header(abi)
@@ -316,12 +345,14 @@ def build(out_dir: Path, work_dir: Path, tokens: list[str] | None, toolchain: To
         raise SystemExit("error: kernel compilation failed\n" + "\n".join(report))
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    pack_options = tuple(flavour.fatbin_options) if flavour else ()
     manifest = {"abi_version": abi.ABI_VERSION, "toolkit": toolchain.version(),
+                "flavour": flavour.name if flavour else None, "fatbin_options": list(pack_options),
                 "git_revision": git_revision(), "arch_filter": tokens, "trees": {}}
     for name, (tree, sass, ptx) in trees.items():
         fatbin = f"{name}.fatbin"
         images = [(j.arch, j.out) for j in plan if j.tree == name]
-        toolchain.pack(images, out_dir / fatbin)
+        toolchain.pack(images, out_dir / fatbin, pack_options)
         manifest["trees"][name] = {
             "fatbin": fatbin,
             "sass": [a.name for a in sass],
@@ -342,25 +373,89 @@ def build(out_dir: Path, work_dir: Path, tokens: list[str] | None, toolchain: To
     return manifest
 
 
+def load_flavour(name: str | None):
+    """The tools/flavours.py entry `name` (None: a development build, no flavour)."""
+    if not name:
+        return None
+    return _load(Path(__file__).with_name("flavours.py"), "_sageattn_flavours").get(name)
+
+
+def check_toolchain(toolchain: Toolchain, flavour) -> None:
+    """A flavour is built by its own CUDA release only: a 12.9 NVRTC must not make a cu128 wheel."""
+    found = toolchain.cuda_versions()
+    if any(v != flavour.cuda for v in found):
+        raise SystemExit(f"error: flavour {flavour.name} needs CUDA {flavour.cuda}, but the "
+                         f"{toolchain.name} toolchain found is {toolchain.version()}; install "
+                         f"its pins: pip install {' '.join(flavour.requires)}")
+
+
+def verify_prebuilt(kernel_dir: Path, flavour) -> dict:
+    """Check a prebuilt kernel directory against this source tree: same kernel ABI, the
+    expected flavour, every tree of the kernel table and every listed fatbin present."""
+    abi = _load(ABI_SOURCE, "_sageattn_abi")
+    table = _load(REPO / "tools" / "kernel_table.py", "_sageattn_kernel_table")
+    check_params_header(abi)
+    try:
+        manifest = json.loads((kernel_dir / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {kernel_dir} holds no readable manifest.json: {e}") from None
+    problems = []
+    if manifest.get("abi_version") != abi.ABI_VERSION:
+        problems.append(f"kernel ABI {manifest.get('abi_version')}, this tree speaks {abi.ABI_VERSION}")
+    want = flavour.name if flavour else None
+    if manifest.get("flavour") != want:
+        problems.append(f"flavour {manifest.get('flavour')!r}, expected {want!r}")
+    if manifest.get("arch_filter") is None:
+        missing = sorted({t.name for t in table.TREES} - set(manifest.get("trees", {})))
+        if missing:
+            problems.append(f"no tree {', '.join(missing)} (built from another kernel table?)")
+    for name, tree in manifest.get("trees", {}).items():
+        if not (kernel_dir / tree.get("fatbin", "?")).is_file():
+            problems.append(f"tree {name}: {tree.get('fatbin')} is missing")
+    if problems:
+        raise SystemExit(f"error: prebuilt kernels in {kernel_dir} do not fit this source tree: "
+                         + "; ".join(problems))
+    print(f"[sageattn] prebuilt kernels {kernel_dir}: flavour {manifest.get('flavour')}, "
+          f"{manifest.get('toolkit')}, git {manifest.get('git_revision')}, trees "
+          f"{' '.join(sorted(manifest.get('trees', {})))}", flush=True)
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="where the fatbins and manifest go")
+    ap.add_argument("--out", type=Path, help="where the fatbins and manifest go")
+    ap.add_argument("--verify", type=Path, metavar="DIR",
+                    help="check the prebuilt kernels in DIR against this tree instead of building")
+    ap.add_argument("--flavour", default=os.environ.get("SAGEATTN_FLAVOUR", ""),
+                    help="a release flavour of tools/flavours.py (default: $SAGEATTN_FLAVOUR, else none)")
     ap.add_argument("--work-dir", type=Path, help="generated sources and images (default: OUT/../kernel-build)")
     ap.add_argument("--archs", default=os.environ.get("SAGEATTN_CUDA_ARCHS", ""),
                     help='narrow the architectures, e.g. "80;90" (default: $SAGEATTN_CUDA_ARCHS, else all)')
-    ap.add_argument("--toolchain", default=os.environ.get("SAGEATTN_TOOLCHAIN") or "nvcc",
-                    choices=("nvcc", "nvrtc"))
+    ap.add_argument("--toolchain", default=os.environ.get("SAGEATTN_TOOLCHAIN") or None,
+                    choices=("nvcc", "nvrtc"), help="default: the flavour's, else nvcc")
     ap.add_argument("--include-dir", action="append", type=Path, default=[],
                     help="searched before kernels/ (testing the build against stand-in headers)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
+    flavour = load_flavour(args.flavour)
+    if args.verify:
+        verify_prebuilt(args.verify.resolve(), flavour)
+        return 0
+    if args.out is None:
+        ap.error("--out is required (or --verify DIR)")
+    if flavour and args.toolchain and args.toolchain != flavour.toolchain:
+        raise SystemExit(f"error: flavour {flavour.name} builds with {flavour.toolchain}, "
+                         f"not {args.toolchain} (unset SAGEATTN_TOOLCHAIN)")
+    name = flavour.toolchain if flavour else (args.toolchain or "nvcc")
     work_dir = args.work_dir or args.out.parent / "kernel-build"
     try:
-        toolchain = make_toolchain(args.toolchain)
+        toolchain = make_toolchain(name, flavour)
     except (FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: no {args.toolchain} toolchain: {e}") from None
+        raise SystemExit(f"error: no {name} toolchain: {e}") from None
+    if flavour:
+        check_toolchain(toolchain, flavour)
     build(args.out.resolve(), work_dir.resolve(), parse_filter(args.archs), toolchain,
-          [d.resolve() for d in args.include_dir], max(1, args.jobs))
+          [d.resolve() for d in args.include_dir], max(1, args.jobs), flavour)
     return 0
 
 

@@ -22,19 +22,22 @@ def _version_key(path: Path) -> tuple:
     return tuple(int(n) for n in re.findall(r"\d+", path.name.split(".so", 1)[-1]))
 
 
-def find_library(stem: str, env: str) -> Path:
-    """The newest `lib<stem>.so.N` among the usual places; `env` names an explicit path."""
+def find_library(stem: str, env: str, major: str | None = None) -> Path:
+    """The newest `lib<stem>.so.N` among the usual places (only `.so.<major>` when given: a
+    flavour's own CUDA release, though torch may bring another); `env` names an explicit path."""
     if os.environ.get(env):
         return Path(os.environ[env])
+    pattern = f"lib{stem}.so.{major}*" if major else f"lib{stem}.so.*[0-9]"
     found: list[Path] = []
     for entry in sys.path:
-        found += Path(entry).glob(f"nvidia/*/lib/lib{stem}.so.*[0-9]")
+        found += [p for p in Path(entry).glob(f"nvidia/*/lib/{pattern}") if p.name[-1].isdigit()]
     if found:
         return max(found, key=_version_key)
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
-            found += Path(os.environ[var]).glob(f"lib64/lib{stem}.so.*[0-9]")
-    found += Path("/usr/local/cuda").glob(f"lib64/lib{stem}.so.*[0-9]")
+            found += Path(os.environ[var]).glob(f"lib64/{pattern}")
+    found += Path("/usr/local/cuda").glob(f"lib64/{pattern}")
+    found = [p for p in found if p.name[-1].isdigit()]
     if not found:
         raise FileNotFoundError(f"lib{stem}.so not found: set {env}, or install the PyPI wheel "
                                 f"(nvidia-cuda-nvrtc-cu12 / nvidia-nvfatbin-cu12 or their CUDA 13 builds)")
@@ -126,11 +129,14 @@ class _NvFatbin:
         self.check(self.lib.nvFatbinVersion(ctypes.byref(major), ctypes.byref(minor)), "nvFatbinVersion")
         return f"{major.value}.{minor.value}"
 
-    def pack(self, images: list[tuple[object, bytes, str]]) -> bytes:
-        """A fatbin of (build_kernels.Arch, cubin or PTX, identifier) images."""
+    def pack(self, images: list[tuple[object, bytes, str]], options: tuple = ()) -> bytes:
+        """A fatbin of (build_kernels.Arch, cubin or PTX, identifier) images; `options` as
+        nvFatbinCreate takes them (`-compress-all`)."""
         handle = ctypes.c_void_p()
-        opts = (ctypes.c_char_p * 1)(b"-64")
-        self.check(self.lib.nvFatbinCreate(ctypes.byref(handle), opts, 1), "nvFatbinCreate")
+        names = [b"-64", *(o.encode() for o in options)]
+        opts = (ctypes.c_char_p * len(names))(*names)
+        self.check(self.lib.nvFatbinCreate(ctypes.byref(handle), opts, len(names)),
+                   f"nvFatbinCreate({' '.join(n.decode() for n in names)})")
         try:
             for arch, data, ident in images:
                 call = f"nvFatbinAdd{'PTX' if arch.virtual else 'Cubin'}({arch.name}, {ident})"
@@ -158,13 +164,16 @@ class Nvrtc:
 
     name = "nvrtc"
 
-    def __init__(self, flags: tuple[str, ...]):
+    def __init__(self, flags: tuple[str, ...], cuda_major: str | None = None):
         self.flags = list(flags)
-        self.nvrtc = _Nvrtc(find_library("nvrtc", "SAGEATTN_NVRTC_LIB"))
-        self.nvfatbin = _NvFatbin(find_library("nvfatbin", "SAGEATTN_NVFATBIN_LIB"))
+        self.nvrtc = _Nvrtc(find_library("nvrtc", "SAGEATTN_NVRTC_LIB", cuda_major))
+        self.nvfatbin = _NvFatbin(find_library("nvfatbin", "SAGEATTN_NVFATBIN_LIB", cuda_major))
 
     def version(self) -> str:
         return f"nvrtc {self.nvrtc.version()} + nvfatbin {self.nvfatbin.version()}"
+
+    def cuda_versions(self) -> list[str]:
+        return [self.nvrtc.version(), self.nvfatbin.version()]
 
     def compile(self, source, include_dirs, arch, out):
         options = [*self.flags, f"--gpu-architecture={arch.name}",
@@ -174,6 +183,8 @@ class Nvrtc:
         Path(out).write_bytes(image)
         return log
 
-    def pack(self, images, out):
+    def pack(self, images, out, options=()):
         loaded = [(arch, Path(path).read_bytes(), Path(path).name) for arch, path in images]
-        Path(out).write_bytes(self.nvfatbin.pack(loaded))
+        # fatbinary spells its options `--compress-all`, nvFatbin `-compress-all`.
+        options = tuple(o[1:] if o.startswith("--") else o for o in options)
+        Path(out).write_bytes(self.nvfatbin.pack(loaded, options))
