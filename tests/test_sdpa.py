@@ -532,3 +532,18 @@ def test_quantized_calls_pass_the_strict_validation(resolve_sm80, monkeypatch):
         f(t(1, 4, 9, 40, dtype=torch.float16), t(1, 4, 9, 40, dtype=torch.float16),
           t(1, 4, 9, 40, dtype=torch.float16))
     assert len(checked) == 7 and sdpa.sdpa_stats()["quantized"] == 6
+
+
+def test_device_path_is_marked_constant_like_torch_does():
+    """sdpa marks _device_path constant by hand (so importing sageattn does not import
+    torch._dynamo); this fails if torch's decorator ever does more than set that attribute."""
+    import torch._dynamo  # noqa: F401  (the test may import it; sageattn must not)
+
+    from sageattn import sdpa
+
+    def probe():
+        return 0
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert marked is probe and vars(probe) == {"_dynamo_marked_constant": True}
+    assert sdpa._device_path._dynamo_marked_constant is True

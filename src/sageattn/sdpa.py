@@ -74,7 +74,15 @@ _logged: set = set()
 _device_errors: dict = {}         # CUDA index -> why no path runs there
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo (and with it
+    triton) at ``import sageattn``: it only sets this attribute (torch 2.9-2.14; a CPU test
+    checks that it still does)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _device_path(index: int) -> str:
     """The sageattn path for CUDA device ``index``, or "" when none runs there.
 
