@@ -318,6 +318,68 @@ def _(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry, qk_q
     return out, lse
 
 
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, longest: int) -> None:
+    """Offsets start at 0, never decrease, end at ``total``, and no sequence is longer than
+    ``longest`` (the buffers are sized by it). Reads them back to the host (a sync); during CUDA
+    graph capture that is impossible, so there the caller's offsets are trusted (documented)."""
+    if cu.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    host = cu.cpu()
+    lengths = host[1:] - host[:-1]
+    if host[0] != 0 or host[-1] != total or bool((lengths < 0).any()):
+        raise ValueError(f"{name} must start at 0, not decrease, and end at {total} (the "
+                         f"packed length); got {host.tolist()[:8]}...")
+    if int(lengths.max()) > longest:
+        limit = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
+        raise ValueError(f"{name} has a sequence of length {int(lengths.max())} > "
+                         f"{limit}={longest}")
+
+
+def _varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, sm_scale, smooth_k, return_lse,
+                 path):
+    check_cu_seqlens("cu_seqlens_q", cu_q, q.shape[0], max_q)
+    check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[0], max_k)
+    return _impl(q, k, v, "HND", is_causal, sm_scale, return_lse, path, None, None, None,
+                 smooth_k, None, varlen=(cu_q, cu_k, max_q, max_k))
+
+
+def _no_lse(q):
+    return q.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("sageattn::sparse_attention", mutates_args=())
+def _sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
+               tensor_layout: str, is_causal: bool, sm_scale: float, return_lse: bool,
+               path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path or None, None,
+                     None, None, None, None, block_mask=block_mask)
+    return out, (lse if lse is not None else _no_lse(q))
+
+
+@_sparse_op.register_fake
+def _(q, k, v, block_mask, tensor_layout, is_causal, sm_scale, return_lse, path):
+    B, Hq, Sq, D = _hnd(q, tensor_layout).shape
+    out = q.new_empty((B, Hq, Sq, D) if tensor_layout == "HND" else (B, Sq, Hq, D))
+    return out, q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("sageattn::varlen_attention", mutates_args=())
+def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+               cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
+               sm_scale: float, smooth_k: int, return_lse: bool, path: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _varlen_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            is_causal, sm_scale, _flag(smooth_k), return_lse, path or None)
+    return out, (lse if lse is not None else _no_lse(q))
+
+
+@_varlen_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, sm_scale,
+      smooth_k, return_lse, path):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]) if return_lse else (0,),
+                                             dtype=torch.float32)
+
+
 def _traced(*tensors) -> bool:
     return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors)
 
@@ -329,16 +391,23 @@ def attention(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
               block_mask: Optional[torch.Tensor] = None, varlen: Optional[tuple] = None):
     """Validated call -> (out, lse or None). None config values take the path's defaults.
 
-    ``block_mask`` / ``varlen`` (sparse_sageattn / sageattn_varlen) run eagerly only: they are
-    not part of the custom op's schema yet, so tracing them raises instead of dropping them."""
-    if block_mask is not None or varlen is not None:
-        if _traced(q, k, v):
-            raise NotImplementedError(
-                f"{entry or 'this entry point'} is not traceable by torch.compile yet (block-sparse "
-                "and varlen calls are not custom ops); call it outside the compiled region")
-        return _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
-                     qk_quant_gran, pv_accum_dtype, smooth_k, smooth_v, block_mask=block_mask,
-                     varlen=varlen)
+    ``block_mask`` (sparse_sageattn) and ``varlen`` (sageattn_varlen) go through their own ops,
+    ``sageattn::sparse_attention`` and ``sageattn::varlen_attention``, when traced."""
+    if block_mask is not None:
+        if ALWAYS_USE_OP or _traced(q, k, v, block_mask):
+            out, lse = _sparse_op(q, k, v, block_mask, tensor_layout, is_causal, sm_scale,
+                                  return_lse, path or "")
+            return out, (lse if return_lse else None)
+        return _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, None,
+                     None, None, None, None, block_mask=block_mask)
+    if varlen is not None:
+        cu_q, cu_k, max_q, max_k = varlen
+        if ALWAYS_USE_OP or _traced(q, k, v, cu_q, cu_k):
+            out, lse = _varlen_op(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, sm_scale,
+                                  -1 if smooth_k is None else int(smooth_k), return_lse, path or "")
+            return out, (lse if return_lse else None)
+        return _varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, sm_scale, smooth_k,
+                            return_lse, path)
     if ALWAYS_USE_OP or _traced(q, k, v):
         out, lse = _attention_op(q, k, v, tensor_layout, is_causal, sm_scale, return_lse,
                                  path or "", entry or "", qk_quant_gran or "",

@@ -98,7 +98,25 @@ def _attention_samples():
         yield (qg, kg, vg, "HND", True, 0.09, True, "sm89", "", "", "fp32+fp32", -1)
 
 
-OPCHECK_SAMPLES = {"sageattn::attention": _attention_samples}
+def _sparse_samples():
+    q, k, v = make(B=2, H=4, Sq=130, Sk=200, D=64)
+    keep = (torch.rand(1, 4, 2, 4, device="cuda") < 0.5).to(torch.int8).expand(2, 4, 2, 4)
+    yield (q, k, v, keep, "HND", False, 0.125, True, "")
+    yield (q, k, v, keep, "HND", True, 0.125, False, "sm80")
+
+
+def _varlen_samples():
+    q = torch.randn(300, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(260, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cu_q = torch.tensor([0, 100, 101, 300], device="cuda", dtype=torch.int32)
+    cu_k = torch.tensor([0, 60, 200, 260], device="cuda", dtype=torch.int32)
+    yield (q, k, v, cu_q, cu_k, 199, 140, False, 0.125, -1, True, "")
+    yield (q, k, v, cu_q, cu_k, 199, 140, True, 0.125, 0, False, "sm80")
+
+
+OPCHECK_SAMPLES = {"sageattn::attention": _attention_samples,
+                   "sageattn::sparse_attention": _sparse_samples,
+                   "sageattn::varlen_attention": _varlen_samples}
 
 
 def test_every_op_has_opcheck_samples():

@@ -1,5 +1,5 @@
 """Block-sparse (sparse_sageattn) and packed varlen (sageattn_varlen) on the GPU, both mma.sync
-trees forced: against the exact reference with the mask applied, and varlen against
+trees forced, eager and under torch.compile(fullgraph=True): against the exact reference with the mask applied, and varlen against
 per-sequence dense calls of the same path (same kernels, same per-sequence quantization, so
 the results must agree to the last bit)."""
 
@@ -199,3 +199,27 @@ def test_varlen_speed_against_padded_sdpa_and_dense():
                                               v[cu[i]:cu[i + 1]].unsqueeze(0), tensor_layout="NHD") for i in range(8)])
     print(f"\nvarlen lengths {lengths}: sageattn_varlen {t_var:.3f} ms, SDPA padded+mask {t_sdpa:.3f} ms, "
           f"per-sequence sageattn {t_loop:.3f} ms")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_sparse_and_varlen_compiled_equal_eager(path):
+    """Both entry points trace as their own ops: fullgraph compile == eager, bit for bit."""
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 300, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    keep = torch.rand(1, 4, 3, 5, device="cuda") < 0.6
+
+    def sparse(q, k, v, keep):
+        return sageattn.sparse_sageattn(q, k, v, mask_id=keep, is_causal=True, path=path)
+
+    assert torch.equal(torch.compile(sparse, fullgraph=True)(q, k, v, keep), sparse(q, k, v, keep))
+    qp, cu_q = _packed([100, 1, 199], 4, 128, torch.bfloat16, 12)
+    kp, cu_k = _packed([60, 140, 60], 4, 128, torch.bfloat16, 13)
+    vp, _ = _packed([60, 140, 60], 4, 128, torch.bfloat16, 14)
+
+    def varlen(q, k, v, cu_q, cu_k):
+        return sageattn.sageattn_varlen(q, k, v, cu_q, cu_k, 199, 140, is_causal=True,
+                                        return_lse=True, path=path)
+
+    got = torch.compile(varlen, fullgraph=True)(qp, kp, vp, cu_q, cu_k)
+    want = varlen(qp, kp, vp, cu_q, cu_k)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
