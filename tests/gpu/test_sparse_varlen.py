@@ -74,28 +74,38 @@ def test_sparse_mask_errors():
         sageattn.sparse_sageattn(q, q, q, mask_id=torch.ones(1, 2, 2, 4, dtype=torch.bool))
 
 
+def _timed(fn, reps=10):
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 7 target not met yet: measured 0.61x (50% skipped) and 0.25x (90%) on the H100, "
+    "2026-11-23; the main loop walks the mask with one dependent global load per skipped block "
+    "(next_kept_block) - stage the row as a bitmask in shared memory first"))
 def test_sparse_skipping_saves_time():
-    """10% of the blocks kept should take well under half the dense time (printed)."""
+    """Issue acceptance: S=16k, D=128, 50% and 90% of the blocks skipped take <= 0.6x and
+    <= 0.2x of the dense call (whole calls; quantization still reads every block)."""
     torch.manual_seed(2)
-    B, H, S, D = 1, 16, 8192, 128
+    B, H, S, D = 1, 16, 16384, 128
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    keep = torch.rand(1, H, S // 128, S // 64, device="cuda") < 0.1
-
-    def timed(fn):
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 10
-
-    dense = timed(lambda: sageattn.sageattn(q, k, v, path="sm80"))
-    sparse = timed(lambda: sageattn.sparse_sageattn(q, k, v, mask_id=keep, path="sm80"))
-    print(f"\nsparse 10% blocks: {sparse:.3f} ms vs dense {dense:.3f} ms ({dense / sparse:.1f}x)")
-    assert sparse < 0.5 * dense
+    dense = _timed(lambda: sageattn.sageattn(q, k, v, path="sm80"))
+    ratios = {}
+    for skipped, limit in ((0.5, 0.6), (0.9, 0.2)):
+        keep = torch.rand(1, H, S // 128, S // 64, device="cuda") >= skipped
+        sparse = _timed(lambda: sageattn.sparse_sageattn(q, k, v, mask_id=keep, path="sm80"))
+        ratios[skipped] = (sparse, sparse / dense, limit)
+    print("\nsparse S=16k H=16 D=128 sm80: dense %.3f ms; " % dense + "; ".join(
+        f"{int(s * 100)}% skipped {t:.3f} ms = {r:.2f}x (limit {lim}x)" for s, (t, r, lim) in ratios.items()))
+    for s, (t, r, lim) in ratios.items():
+        assert r <= lim, (s, r)
 
 
 def _packed(lengths, H, D, dtype, seed):
@@ -201,9 +211,10 @@ def test_varlen_speed_against_padded_sdpa_and_dense():
           f"per-sequence sageattn {t_loop:.3f} ms")
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_sparse_and_varlen_compiled_equal_eager(path):
-    """Both entry points trace as their own ops: fullgraph compile == eager, bit for bit."""
+@pytest.mark.parametrize("path,mode", [("sm80", None), ("sm89", None), ("sm80", "reduce-overhead")])
+def test_sparse_and_varlen_compiled_equal_eager(path, mode):
+    """Both entry points trace as their own ops: fullgraph compile (and CUDA graphs with
+    reduce-overhead) == eager, bit for bit, over several calls."""
     torch.manual_seed(5)
     q, k, v = (torch.randn(2, 4, 300, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     keep = torch.rand(1, 4, 3, 5, device="cuda") < 0.6
@@ -211,7 +222,9 @@ def test_sparse_and_varlen_compiled_equal_eager(path):
     def sparse(q, k, v, keep):
         return sageattn.sparse_sageattn(q, k, v, mask_id=keep, is_causal=True, path=path)
 
-    assert torch.equal(torch.compile(sparse, fullgraph=True)(q, k, v, keep), sparse(q, k, v, keep))
+    compiled = torch.compile(sparse, fullgraph=True, mode=mode)
+    for _ in range(3):
+        assert torch.equal(compiled(q, k, v, keep).clone(), sparse(q, k, v, keep))
     qp, cu_q = _packed([100, 1, 199], 4, 128, torch.bfloat16, 12)
     kp, cu_k = _packed([60, 140, 60], 4, 128, torch.bfloat16, 13)
     vp, _ = _packed([60, 140, 60], 4, 128, torch.bfloat16, 14)
@@ -220,6 +233,8 @@ def test_sparse_and_varlen_compiled_equal_eager(path):
         return sageattn.sageattn_varlen(q, k, v, cu_q, cu_k, 199, 140, is_causal=True,
                                         return_lse=True, path=path)
 
-    got = torch.compile(varlen, fullgraph=True)(qp, kp, vp, cu_q, cu_k)
+    compiled = torch.compile(varlen, fullgraph=True, mode=mode)
     want = varlen(qp, kp, vp, cu_q, cu_k)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for _ in range(3):
+        got = [t.clone() for t in compiled(qp, kp, vp, cu_q, cu_k)]
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
