@@ -131,6 +131,12 @@ def _validate(q, k, v, tensor_layout, is_causal, sm_scale, return_lse) -> float:
     return scale
 
 
+def _check_path(path) -> None:
+    if path is not None and (not isinstance(path, str) or (path != "auto" and path not in PATHS)):
+        raise ValueError(f"path must be None, 'auto' or one of {', '.join(map(repr, PATHS))}; "
+                         f"got {path!r}")
+
+
 def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False,
              sm_scale: Optional[float] = None, return_lse: bool = False,
              path: Optional[str] = None):
@@ -158,9 +164,7 @@ def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False,
         Inputs are never modified. Inference only: inputs that require grad raise.
     """
     scale = _validate(q, k, v, tensor_layout, is_causal, sm_scale, return_lse)
-    if path is not None and (not isinstance(path, str) or (path != "auto" and path not in PATHS)):
-        raise ValueError(f"path must be None, 'auto' or one of {', '.join(map(repr, PATHS))}; "
-                         f"got {path!r}")
+    _check_path(path)
     out, lse = ops.attention(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal,
                              sm_scale=scale, return_lse=return_lse, path=path)
     return (out, lse) if return_lse else out
@@ -246,12 +250,6 @@ def sageattn_qk_int8_pv_fp8_cuda(q, k, v, tensor_layout: str = "HND", is_causal:
                              pv_accum_dtype=pv_accum_dtype, smooth_k=smooth_k,
                              smooth_v=smooth_v)
     return (out, lse) if return_lse else out
-
-
-def _check_path(path) -> None:
-    if path is not None and (not isinstance(path, str) or (path != "auto" and path not in PATHS)):
-        raise ValueError(f"path must be None, 'auto' or one of {', '.join(map(repr, PATHS))}; "
-                         f"got {path!r}")
 
 
 def sparse_sageattn(q, k, v, mask_id=None, is_causal: bool = False, tensor_layout: str = "HND",

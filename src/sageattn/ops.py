@@ -318,27 +318,31 @@ def _(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry, qk_q
     return out, lse
 
 
-def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, longest: int) -> None:
-    """Offsets start at 0, never decrease, end at ``total``, and no sequence is longer than
-    ``longest`` (the buffers are sized by it). Reads them back to the host (a sync); during CUDA
-    graph capture that is impossible, so there the caller's offsets are trusted (documented)."""
-    if cu.is_cuda and torch.cuda.is_current_stream_capturing():
+def check_cu_seqlens(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int,
+                     max_q: int, max_k: int) -> None:
+    """Offsets start at 0, never decrease, end at the packed length, and no sequence is longer
+    than its max_seqlen (the buffers are sized by it). Reads both back to the host in one copy (a
+    sync); during CUDA graph capture that is impossible, so there the caller's offsets are trusted
+    (documented)."""
+    if cu_q.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    host = cu.cpu()
-    lengths = host[1:] - host[:-1]
-    if host[0] != 0 or host[-1] != total or bool((lengths < 0).any()):
-        raise ValueError(f"{name} must start at 0, not decrease, and end at {total} (the "
-                         f"packed length); got {host.tolist()[:8]}...")
-    if int(lengths.max()) > longest:
-        limit = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
-        raise ValueError(f"{name} has a sequence of length {int(lengths.max())} > "
-                         f"{limit}={longest}")
+    both = torch.cat([cu_q, cu_k]).cpu()
+    n = cu_q.numel()
+    for name, host, total, longest, limit in (
+            ("cu_seqlens_q", both[:n], total_q, max_q, "max_seqlen_q"),
+            ("cu_seqlens_k", both[n:], total_k, max_k, "max_seqlen_k")):
+        lengths = host[1:] - host[:-1]
+        if host[0] != 0 or host[-1] != total or bool((lengths < 0).any()):
+            raise ValueError(f"{name} must start at 0, not decrease, and end at {total} (the "
+                             f"packed length); got {host.tolist()[:8]}...")
+        if int(lengths.max()) > longest:
+            raise ValueError(f"{name} has a sequence of length {int(lengths.max())} > "
+                             f"{limit}={longest}")
 
 
 def _varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, sm_scale, smooth_k, return_lse,
                  path):
-    check_cu_seqlens("cu_seqlens_q", cu_q, q.shape[0], max_q)
-    check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[0], max_k)
+    check_cu_seqlens(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
     return _impl(q, k, v, "HND", is_causal, sm_scale, return_lse, path, None, None, None,
                  smooth_k, None, varlen=(cu_q, cu_k, max_q, max_k))
 

@@ -192,20 +192,9 @@ def test_varlen_speed_against_padded_sdpa_and_dense():
     for i, n in enumerate(lengths):
         mask[i, ..., :n] = True
 
-    def timed(fn):
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 10
-
-    t_var = timed(lambda: sageattn.sageattn_varlen(q, k, v, cu, cu, L, L))
-    t_sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask))
-    t_loop = timed(lambda: [sageattn.sageattn(q[cu[i]:cu[i + 1]].unsqueeze(0), k[cu[i]:cu[i + 1]].unsqueeze(0),
+    t_var = _timed(lambda: sageattn.sageattn_varlen(q, k, v, cu, cu, L, L))
+    t_sdpa = _timed(lambda: torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask))
+    t_loop = _timed(lambda: [sageattn.sageattn(q[cu[i]:cu[i + 1]].unsqueeze(0), k[cu[i]:cu[i + 1]].unsqueeze(0),
                                               v[cu[i]:cu[i + 1]].unsqueeze(0), tensor_layout="NHD") for i in range(8)])
     print(f"\nvarlen lengths {lengths}: sageattn_varlen {t_var:.3f} ms, SDPA padded+mask {t_sdpa:.3f} ms, "
           f"per-sequence sageattn {t_loop:.3f} ms")
