@@ -32,7 +32,7 @@ import torch
 from . import _abi, _loader, dispatch
 
 __all__ = ["attention", "sm80_forward", "sm89_forward", "kernel_names", "sm80_kernel_names",
-           "sm89_kernel_names", "ALWAYS_USE_OP", "POISON"]
+           "sm89_kernel_names", "attention_kernel_only", "ALWAYS_USE_OP", "POISON"]
 
 ALWAYS_USE_OP = False
 # Debug aid: fill every buffer the kernels should write (temporaries, out, lse) with NaN
@@ -135,13 +135,16 @@ def _channel_stats(kernel, ordinal, stream, x, geometry, strides, head_dim, d_pa
 
 
 def _mma_sync_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
-                      qk_quant_gran, smooth_k, tree, names, fp8_pv, block_mask=None, varlen=None):
+                      qk_quant_gran, smooth_k, tree, names, fp8_pv, block_mask=None, varlen=None,
+                      kernel_only=False):
     """The launch sequence of the mma.sync trees (sm80: fp16 V; sm89: ``fp8_pv`` =
     (v_scale_max, smooth_v), E4M3 V^T tiles with per-channel scales).
 
     ``block_mask``: int8 (B, Hq, q_blocks, k_blocks) view (stride 0 broadcasts) or None.
     ``varlen``: (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for packed
-    (total, H, D) inputs; the output is packed the same way and the LSE is (Hq, total_q)."""
+    (total, H, D) inputs; the output is packed the same way and the LSE is (Hq, total_q).
+    ``kernel_only``: quantize now and return a function that launches only the attention
+    kernel (bench/: the kernel's time without the quantization passes)."""
     if varlen is None:
         qh, kh, vh = (_hnd(x, tensor_layout) for x in (q, k, v))
         B, Hq, Sq, D = qh.shape
@@ -236,13 +239,25 @@ def _mma_sync_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse
             mask_stride_q=mask_strides[2], mask_stride_k=mask_strides[3])
         # One CTA per q_rows query rows (from the manifest; 128 = a whole quantization block).
         q_rows = attn_kernel.q_rows or _Q_BLOCK
-        _launch(attn_kernel, ordinal, (q_blocks * (_Q_BLOCK // q_rows), Hq, B), p, stream)
+        grid = (q_blocks * (_Q_BLOCK // q_rows), Hq, B)
+        if kernel_only:
+            buffers = (q_i8, q_scale, k_i8, k_scale, v16, v8, v_scale, v_mean, lse_corr)
+            return lambda: _launch_current(attn_kernel, ordinal, grid, p, dev, out, buffers)
+        _launch(attn_kernel, ordinal, grid, p, stream)
     return out, lse
+
+
+def _launch_current(kernel, ordinal, grid, params, dev, out, buffers):
+    """A kernel_only launch: on the current stream; ``buffers`` keeps the operands alive."""
+    with _device_guard(dev):
+        _launch(kernel, ordinal, grid, params, _current_stream(dev))
+    return out
 
 
 def sm80_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
                  return_lse: bool, qk_quant_gran: str, pv_accum_dtype: str, smooth_k: bool,
-                 smooth_v: bool = False, tree: str = "sm80", block_mask=None, varlen=None):
+                 smooth_v: bool = False, tree: str = "sm80", block_mask=None, varlen=None,
+                 kernel_only: bool = False):
     """Run the sm80 kernels on validated tensors; returns (out, lse or None).
 
     ``out`` has the input dtype and layout and is contiguous in that layout.
@@ -254,12 +269,13 @@ def sm80_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
         names=sm80_kernel_names(q.shape[-1], pv_accum_dtype), fp8_pv=None,
-        block_mask=block_mask, varlen=varlen)
+        block_mask=block_mask, varlen=varlen, kernel_only=kernel_only)
 
 
 def sm89_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
                  return_lse: bool, qk_quant_gran: str, pv_accum_dtype: str, smooth_k: bool,
-                 smooth_v: bool = False, tree: str = "sm89", block_mask=None, varlen=None):
+                 smooth_v: bool = False, tree: str = "sm89", block_mask=None, varlen=None,
+                 kernel_only: bool = False):
     """Run the sm89 kernels (INT8 QK^T, FP8 E4M3 PV) on validated tensors; returns
     (out, lse or None), ``out`` in the input dtype and layout, contiguous in that layout."""
     names = sm89_kernel_names(q.shape[-1], pv_accum_dtype)
@@ -267,7 +283,7 @@ def sm89_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
         names=names, fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)),
-        block_mask=block_mask, varlen=varlen)
+        block_mask=block_mask, varlen=varlen, kernel_only=kernel_only)
 
 
 dispatch.RUNNERS["sm80"] = sm80_forward
@@ -289,6 +305,23 @@ def _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
         smooth_v=cfg.get("smooth_v", False) if smooth_v is None else smooth_v, tree=choice.tree,
         **geometry)
     return out, lse
+
+
+def attention_kernel_only(q, k, v, *, path: str, tensor_layout: str = "HND",
+                          is_causal: bool = False, sm_scale: Optional[float] = None,
+                          qk_quant_gran: Optional[str] = None,
+                          pv_accum_dtype: Optional[str] = None):
+    """Benchmark aid: quantize (q, k, v) once for ``path`` and return a function that launches
+    only that path's attention kernel on the current stream and returns its output buffer
+    (the same buffer every time). Inputs are taken as valid (call ``sageattn`` once first)."""
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    choice = dispatch.resolve(q.device.index or 0, path, None)
+    cfg = choice.defaults
+    return dispatch.RUNNERS[choice.path](
+        q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
+        return_lse=False, qk_quant_gran=qk_quant_gran or cfg["qk_quant_gran"],
+        pv_accum_dtype=pv_accum_dtype or cfg["pv_accum_dtype"], smooth_k=cfg["smooth_k"],
+        smooth_v=cfg.get("smooth_v", False), tree=choice.tree, kernel_only=True)
 
 
 def _flag(value: int) -> Optional[bool]:
