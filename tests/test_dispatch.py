@@ -229,17 +229,26 @@ def test_full_package_resolve(package, device, monkeypatch):
     assert dispatch.resolve(0, "sm80").path == "sm80"
 
 
-def test_built_tree_without_runner_is_skipped(package, device):
-    # A tree in the package that this Python version cannot drive yet is passed over, said so.
+def test_built_tree_without_runner_is_skipped(package, device, monkeypatch):
+    # A tree in the package that this Python version cannot drive is passed over, said so.
     package(FULL)
     device((9, 0))
-    assert set(dispatch.RUNNERS) == {"sm80", "sm89"}
+    monkeypatch.delitem(dispatch.RUNNERS, "sm90")
     c = dispatch.resolve(0)
     assert c.path == "sm80"       # not sm89: its E4M3 MMA is emulated on 9.0
     assert "sm90 is the intended path for 9.0; its kernels are in this package but this " \
            "version of sageattn has no runner for them yet" in c.reason
     with pytest.raises(PathUnavailableError, match="no runner"):
         dispatch.resolve(0, "sm90")
+
+
+def test_hopper_resolves_to_sm90(package, device):
+    package(FULL)
+    device((9, 0))
+    c = dispatch.resolve(0)
+    assert (c.path, c.tree) == ("sm90", "sm90")
+    assert c.defaults == {"qk_quant_gran": "per_thread", "pv_accum_dtype": "fp32+fp32",
+                          "smooth_k": True, "smooth_v": False}
 
 
 @pytest.mark.parametrize("cap,gran,runs_as", [((8, 9), "per_thread", "SASS sm_89"),

@@ -81,6 +81,30 @@ def _sm89_kernels():
     return tuple(rows)
 
 
+def _sm90_kernels():
+    rows = [
+        Kernel("sm90_channel_stats", "channel_stats", "ChannelStatsParams",
+               "sageattn::channel_stats(p)", threads=256),
+    ]
+    for hd in (64, 128):  # the sm89 tree's quantizer: INT8 Q/K, E4M3 V^T tiles
+        rows.append(Kernel(
+            f"sm90_quantize_qk_int8_v_fp8_hd{hd}", "quantize", "QuantParams",
+            f"sageattn::quantize_qk_int8_v_fp8<{hd}>(p)", threads=256, head_dim=hd))
+    # "fp32+fp32": each 128-key step's PV from zero in the wgmma accumulator, added to O
+    # (two-level); "fp32": the wgmma accumulates into O directly.
+    for acc_tag, acc, cxx in (("acc32", "fp32", "kDirect"), ("acc32x32", "fp32+fp32", "kBlockFp32")):
+        for hd in (64, 128):
+            rows.append(Kernel(
+                f"sm90_qkint8_pvfp8_{acc_tag}_hd{hd}", "attention", "Sm90AttnParams",
+                f"sageattn::sm90::attention<{hd}, sageattn::PvAccum::{cxx}>(p)", threads=384,
+                min_blocks=1, q_rows=128,
+                # align slack + Q 128*hd + 3 stages of (K 128*hd + V^T 128*hd) + 10 mbarriers
+                smem=1024 + 128 * hd + 3 * 256 * hd + 80,
+                smem_expr=f"sageattn::sm90::Traits<{hd}>::kSmemBytes",
+                head_dim=hd, pv_accum=acc))
+    return tuple(rows)
+
+
 TREES = (
     Tree("sm80", "sm80/kernel.cuh",
          sass=("sm_80", "sm_86", "sm_89", "sm_90", "sm_120"), ptx=("compute_80",),
@@ -90,4 +114,7 @@ TREES = (
     Tree("sm89", "sm89/kernel.cuh",
          sass=("sm_89", "sm_90", "sm_120"), ptx=("compute_89",),
          kernels=_sm89_kernels()),
+    # wgmma and setmaxnreg exist only on sm_90a, which has no forward-compatible PTX.
+    Tree("sm90", "sm90/kernel.cuh", sass=("sm_90a",), ptx=(),
+         kernels=_sm90_kernels()),
 )

@@ -6,7 +6,7 @@
 
 namespace sageattn {
 
-constexpr unsigned kAbiVersion = 3;
+constexpr unsigned kAbiVersion = 4;
 constexpr int kDtypeFp16 = 0;
 constexpr int kDtypeBf16 = 1;
 constexpr int kGranPerThread = 0;
@@ -214,6 +214,30 @@ static_assert(__builtin_offsetof(AttnParams, mask_stride_b) == 192, "ABI");
 static_assert(__builtin_offsetof(AttnParams, mask_stride_h) == 200, "ABI");
 static_assert(__builtin_offsetof(AttnParams, mask_stride_q) == 208, "ABI");
 static_assert(__builtin_offsetof(AttnParams, mask_stride_k) == 216, "ABI");
+#endif
+
+struct alignas(64) TensorMap {
+  unsigned long long bits[16];
+};
+static_assert(sizeof(TensorMap) == 128, "ABI");
+#if !defined(__CUDACC_RTC__)
+static_assert(__builtin_offsetof(TensorMap, bits) == 0, "ABI");
+#endif
+
+struct Sm90AttnParams {
+  TensorMap tmap_q;
+  TensorMap tmap_k;
+  TensorMap tmap_v;
+  AttnParams attn;
+  unsigned char _pad0[32];
+};
+static_assert(sizeof(Sm90AttnParams) == 640, "ABI");
+#if !defined(__CUDACC_RTC__)
+static_assert(__builtin_offsetof(Sm90AttnParams, tmap_q) == 0, "ABI");
+static_assert(__builtin_offsetof(Sm90AttnParams, tmap_k) == 128, "ABI");
+static_assert(__builtin_offsetof(Sm90AttnParams, tmap_v) == 256, "ABI");
+static_assert(__builtin_offsetof(Sm90AttnParams, attn) == 384, "ABI");
+static_assert(__builtin_offsetof(Sm90AttnParams, _pad0) == 608, "ABI");
 #endif
 
 }  // namespace sageattn

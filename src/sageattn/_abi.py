@@ -18,7 +18,7 @@ import ctypes
 import sys
 
 # Bump whenever a struct below changes.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 # Codes shared by Python and the kernels.
 DTYPE_FP16 = 0
@@ -115,7 +115,27 @@ class AttnParams(ctypes.Structure):
     ]
 
 
-STRUCTS = (ChannelStatsParams, QuantParams, AttnParams)
+class TensorMap(ctypes.Structure):
+    """An opaque CUtensorMap (the copy engine's descriptor of a global tensor), encoded on the
+    host by the driver (``_ext.encode_tensor_map``); 64-byte aligned in kernel parameters."""
+
+    _cxx_align_ = 64
+    _fields_ = [("bits", ctypes.c_uint64 * 16)]
+
+
+class Sm90AttnParams(ctypes.Structure):
+    """The sm90 tree's attention kernel: AttnParams plus tensor maps over the quantized operands
+    (docs/ARCHITECTURE.md: Q int8 (D_pad, q_blocks*128, B*Hq), K int8 (D_pad, k_blocks*64, B*Hkv),
+    V^T e4m3 (64, D_pad, k_blocks, B*Hkv), innermost first)."""
+
+    _fields_ = [
+        ("tmap_q", TensorMap), ("tmap_k", TensorMap), ("tmap_v", TensorMap),
+        ("attn", AttnParams),
+        ("_pad0", ctypes.c_uint8 * (-(3 * 128 + ctypes.sizeof(AttnParams)) % 64)),
+    ]
+
+
+STRUCTS = (ChannelStatsParams, QuantParams, AttnParams, TensorMap, Sm90AttnParams)
 
 _C_TYPES = {
     ctypes.c_int32: "int",
@@ -123,6 +143,16 @@ _C_TYPES = {
     ctypes.c_float: "float",
     ctypes.c_uint64: "unsigned long long",  # a device pointer
 }
+
+
+def _cxx_field(ctype, name: str) -> str:
+    if isinstance(ctype, type) and issubclass(ctype, ctypes.Array):
+        element = ctype._type_
+        cxx = "unsigned char" if element is ctypes.c_uint8 else _C_TYPES[element]
+        return f"{cxx} {name}[{ctype._length_}]"
+    if isinstance(ctype, type) and issubclass(ctype, ctypes.Structure):
+        return f"{ctype.__name__} {name}"
+    return f"{_C_TYPES[ctype]} {name}"
 
 
 def render_header() -> str:
@@ -144,9 +174,10 @@ def render_header() -> str:
         "",
     ]
     for struct in STRUCTS:
-        out.append(f"struct {struct.__name__} {{")
+        align = getattr(struct, "_cxx_align_", None)
+        out.append(f"struct {'alignas(%d) ' % align if align else ''}{struct.__name__} {{")
         for name, ctype in struct._fields_:
-            out.append(f"  {_C_TYPES[ctype]} {name};")
+            out.append(f"  {_cxx_field(ctype, name)};")
         out.append("};")
         out.append(f"static_assert(sizeof({struct.__name__}) == {ctypes.sizeof(struct)}, \"ABI\");")
         # NVRTC has no offsetof; nvcc and the host compiler check the offsets.

@@ -16,6 +16,7 @@ from . import ops
 from .dispatch import PATHS
 
 __all__ = ["sageattn", "sageattn_qk_int8_pv_fp16_cuda", "sageattn_qk_int8_pv_fp8_cuda",
+           "sageattn_qk_int8_pv_fp8_cuda_sm90",
            "sparse_sageattn", "sageattn_varlen"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -23,6 +24,7 @@ _LAYOUTS = ("HND", "NHD")
 _GRANULARITIES = ("per_thread", "per_warp")
 _PV_ACCUM_SM80 = ("fp32", "fp16+fp32")
 _PV_ACCUM_SM89 = ("fp32+fp16", "fp32+fp32", "fp32")
+_PV_ACCUM_SM90 = ("fp32+fp32", "fp32")
 _MAX_HEAD_DIM = 128
 # The kernels keep sequence lengths and block counts in int32 fields.
 _MAX_SEQ = 2**31 - 1 - 128
@@ -249,6 +251,34 @@ def sageattn_qk_int8_pv_fp8_cuda(q, k, v, tensor_layout: str = "HND", is_causal:
                              entry="sageattn_qk_int8_pv_fp8_cuda", qk_quant_gran=qk_quant_gran,
                              pv_accum_dtype=pv_accum_dtype, smooth_k=smooth_k,
                              smooth_v=smooth_v)
+    return (out, lse) if return_lse else out
+
+
+def sageattn_qk_int8_pv_fp8_cuda_sm90(q, k, v, tensor_layout: str = "HND",
+                                      is_causal: bool = False, qk_quant_gran: str = "per_thread",
+                                      sm_scale: Optional[float] = None,
+                                      pv_accum_dtype: str = "fp32+fp32", smooth_k: bool = True,
+                                      smooth_v: bool = False, return_lse: bool = False):
+    """The sm90 path by name (Hopper, compute capability 9.0 only): INT8 Q/K and FP8 E4M3 P
+    and V through wgmma, tensor-memory copies and warp-specialized CTAs; the default path of
+    ``sageattn`` on 9.0.
+
+    Takes the arguments of ``sageattn_qk_int8_pv_fp8_cuda`` except ``pv_accum_dtype``:
+        "fp32+fp32" (default): each 128-key step's P.V product accumulates from zero in the
+            MMA's accumulator, then is added to the fp32 output (Hopper's FP8 MMA accumulates
+            with reduced precision; this bounds its error to one step).
+        "fp32": the MMA accumulates into the output directly (fewer registers, less accurate).
+    """
+    scale = _validate(q, k, v, tensor_layout, is_causal, sm_scale, return_lse)
+    _check_choice("qk_quant_gran", qk_quant_gran, _GRANULARITIES)
+    _check_choice("pv_accum_dtype", pv_accum_dtype, _PV_ACCUM_SM90)
+    _check_flag("smooth_k", smooth_k)
+    _check_flag("smooth_v", smooth_v)
+    out, lse = ops.attention(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal,
+                             sm_scale=scale, return_lse=return_lse, path="sm90",
+                             entry="sageattn_qk_int8_pv_fp8_cuda_sm90",
+                             qk_quant_gran=qk_quant_gran, pv_accum_dtype=pv_accum_dtype,
+                             smooth_k=smooth_k, smooth_v=smooth_v)
     return (out, lse) if return_lse else out
 
 

@@ -59,8 +59,10 @@ PATHS = {
         {"qk_quant_gran": "per_thread", "pv_accum_dtype": "fp32+fp16", "smooth_k": True,
          "smooth_v": False}),
     "sm90": PathSpec(
-        "sm90", "sm90", "wgmma INT8 QK^T + FP8 PV, TMA, warp-specialized (Hopper)",
-        {"qk_quant_gran": "per_thread", "pv_accum_dtype": "fp32+fp32", "smooth_k": True}),
+        "sm90", "sm90", "INT8 QK^T + FP8 e4m3 PV via wgmma + TMA, warp-specialized, fp32+fp32 "
+        "accumulation (Hopper)",
+        {"qk_quant_gran": "per_thread", "pv_accum_dtype": "fp32+fp32", "smooth_k": True,
+         "smooth_v": False}),
     "sm120_fp4": PathSpec(
         "sm120_fp4", "sm120", "NVFP4 block-scaled mma.sync (SageAttention3)",
         {"per_block_mean": True}),

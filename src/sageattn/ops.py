@@ -31,8 +31,8 @@ import torch
 
 from . import _abi, _loader, dispatch
 
-__all__ = ["attention", "sm80_forward", "sm89_forward", "kernel_names", "sm80_kernel_names",
-           "sm89_kernel_names", "attention_kernel_only", "ALWAYS_USE_OP", "POISON"]
+__all__ = ["attention", "sm80_forward", "sm89_forward", "sm90_forward", "kernel_names",
+           "sm80_kernel_names", "sm89_kernel_names", "sm90_kernel_names", "attention_kernel_only", "ALWAYS_USE_OP", "POISON"]
 
 ALWAYS_USE_OP = False
 # Debug aid: fill every buffer the kernels should write (temporaries, out, lse) with NaN
@@ -43,6 +43,7 @@ _DTYPE_CODE = {torch.float16: _abi.DTYPE_FP16, torch.bfloat16: _abi.DTYPE_BF16}
 _GRAN_CODE = {"per_thread": _abi.GRAN_PER_THREAD, "per_warp": _abi.GRAN_PER_WARP}
 _ACC_TAG = {"fp32": "acc32", "fp16+fp32": "acc16x32"}
 _ACC_TAG_FP8 = {"fp32": "acc32", "fp32+fp32": "acc32x32", "fp32+fp16": "acc16x32"}
+_ACC_TAG_SM90 = {"fp32+fp32": "acc32x32", "fp32": "acc32"}
 # |V - mean| maps to this E4M3 value: 448 = E4M3 max, or 2.25 when the block product
 # accumulates in fp16 (64 keys * 448 * 2.25 = 64512 < 65504; DESIGN.md section 3).
 _V_SCALE_MAX = {"fp32": 448.0, "fp32+fp32": 448.0, "fp32+fp16": 2.25}
@@ -76,11 +77,12 @@ def sm89_kernel_names(head_dim: int, pv_accum_dtype: str) -> tuple:
 
 def kernel_names(path: str, head_dim: int, pv_accum_dtype: str) -> Optional[tuple]:
     """The kernels a call on ``path`` launches (None for a path without a runner here)."""
-    names = {"sm80": sm80_kernel_names, "sm89": sm89_kernel_names}.get(path)
+    names = {"sm80": sm80_kernel_names, "sm89": sm89_kernel_names,
+             "sm90": sm90_kernel_names}.get(path)
     return names(head_dim, pv_accum_dtype) if names else None
 
 
-# ---- the mma.sync trees: sm80 (FP16 PV) and sm89 (FP8 PV) ------------------------------
+# ---- the INT8-QK trees: sm80 (FP16 PV), sm89 and sm90 (FP8 PV) ----------------------------
 
 def _hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.transpose(1, 2) if layout == "NHD" else x
@@ -134,11 +136,12 @@ def _channel_stats(kernel, ordinal, stream, x, geometry, strides, head_dim, d_pa
     _launch(kernel, ordinal, (d_pad // 64, H, B), p, stream)
 
 
-def _mma_sync_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
-                      qk_quant_gran, smooth_k, tree, names, fp8_pv, block_mask=None, varlen=None,
-                      kernel_only=False):
-    """The launch sequence of the mma.sync trees (sm80: fp16 V; sm89: ``fp8_pv`` =
-    (v_scale_max, smooth_v), E4M3 V^T tiles with per-channel scales).
+def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
+                  qk_quant_gran, smooth_k, tree, names, fp8_pv, block_mask=None, varlen=None,
+                  kernel_only=False, tensor_maps=False):
+    """The launch sequence of the INT8-QK trees (sm80: fp16 V; sm89 and sm90: ``fp8_pv`` =
+    (v_scale_max, smooth_v), E4M3 V^T tiles with per-channel scales). ``tensor_maps``: the
+    attention kernel takes ``Sm90AttnParams`` (tensor maps over the quantized operands).
 
     ``block_mask``: int8 (B, Hq, q_blocks, k_blocks) view (stride 0 broadcasts) or None.
     ``varlen``: (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for packed
@@ -238,6 +241,8 @@ def _mma_sync_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse
             mask_stride_b=mask_strides[0], mask_stride_h=mask_strides[1],
             mask_stride_q=mask_strides[2], mask_stride_k=mask_strides[3])
         # One CTA per q_rows query rows (from the manifest; 128 = a whole quantization block).
+        if tensor_maps:
+            p = _sm90_params(p, q_i8, k_i8, v8)
         q_rows = attn_kernel.q_rows or _Q_BLOCK
         grid = (q_blocks * (_Q_BLOCK // q_rows), Hq, B)
         if kernel_only:
@@ -245,6 +250,36 @@ def _mma_sync_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse
             return lambda: _launch_current(attn_kernel, ordinal, grid, p, dev, out, buffers)
         _launch(attn_kernel, ordinal, grid, p, stream)
     return out, lse
+
+
+_TMAP_UINT8 = 0                  # CU_TENSOR_MAP_DATA_TYPE_UINT8
+_TMAP_SWIZZLE = {64: 2, 128: 3}  # CU_TENSOR_MAP_SWIZZLE_64B / _128B: one span per int8 row
+
+
+def _tensor_map(x: torch.Tensor, dims: tuple, box: tuple, swizzle: int) -> _abi.TensorMap:
+    """A tensor map over contiguous 1-byte ``x`` viewed with ``dims`` (innermost first)."""
+    strides, stride = [], 1
+    for d in dims[:-1]:
+        stride *= d
+        strides.append(stride)
+    raw = _loader.ext().encode_tensor_map(_TMAP_UINT8, x.data_ptr(), list(dims), strides,
+                                          list(box), swizzle)
+    return _abi.TensorMap.from_buffer_copy(raw)
+
+
+def _sm90_params(p: _abi.AttnParams, q_i8, k_i8, v8) -> _abi.Sm90AttnParams:
+    """AttnParams plus the tensor maps of the sm90 kernel's copies: a 128-row Q block, a 128-key
+    K step (rows past the buffer read as zeros), and a step's two V^T blocks of 64 keys."""
+    B, Hq, q_rows, d_pad = q_i8.shape
+    Hkv, k_rows = k_i8.shape[1], k_i8.shape[2]
+    k_blocks = v8.shape[2]
+    swizzle = _TMAP_SWIZZLE[d_pad]
+    return _abi.Sm90AttnParams(
+        tmap_q=_tensor_map(q_i8, (d_pad, q_rows, B * Hq), (d_pad, 128, 1), swizzle),
+        tmap_k=_tensor_map(k_i8, (d_pad, k_rows, B * Hkv), (d_pad, 128, 1), swizzle),
+        tmap_v=_tensor_map(v8, (_K_BLOCK, d_pad, k_blocks, B * Hkv), (_K_BLOCK, d_pad, 2, 1),
+                           _TMAP_SWIZZLE[64]),
+        attn=p)
 
 
 def _launch_current(kernel, ordinal, grid, params, dev, out, buffers):
@@ -265,7 +300,7 @@ def sm80_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
     if smooth_v:
         raise ValueError("smooth_v=True is not offered on the sm80 path (FP16 PV needs no V "
                          "smoothing); use the sm89 path (sageattn_qk_int8_pv_fp8_cuda)")
-    return _mma_sync_forward(
+    return _int8_forward(
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
         names=sm80_kernel_names(q.shape[-1], pv_accum_dtype), fp8_pv=None,
@@ -279,15 +314,41 @@ def sm89_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
     """Run the sm89 kernels (INT8 QK^T, FP8 E4M3 PV) on validated tensors; returns
     (out, lse or None), ``out`` in the input dtype and layout, contiguous in that layout."""
     names = sm89_kernel_names(q.shape[-1], pv_accum_dtype)
-    return _mma_sync_forward(
+    return _int8_forward(
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
         names=names, fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)),
         block_mask=block_mask, varlen=varlen, kernel_only=kernel_only)
 
 
+def sm90_kernel_names(head_dim: int, pv_accum_dtype: str) -> tuple:
+    """(channel stats, quantize, attention) kernel names of the sm90 tree for a call."""
+    d_pad = 64 if head_dim <= 64 else 128
+    tag = _checked(pv_accum_dtype, _ACC_TAG_SM90, "sm90")
+    return ("sm90_channel_stats", f"sm90_quantize_qk_int8_v_fp8_hd{d_pad}",
+            f"sm90_qkint8_pvfp8_{tag}_hd{d_pad}")
+
+
+def sm90_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
+                 return_lse: bool, qk_quant_gran: str, pv_accum_dtype: str, smooth_k: bool,
+                 smooth_v: bool = False, tree: str = "sm90", block_mask=None, varlen=None,
+                 kernel_only: bool = False):
+    """Run the sm90 kernels (INT8 QK^T and FP8 E4M3 PV with wgmma; the sm89 quantizer) on
+    validated tensors; returns (out, lse or None) as sm89_forward does."""
+    if block_mask is not None:
+        raise ValueError("block-sparse attention is not implemented on the sm90 path yet; "
+                         "pass path='sm80' (sparse_sageattn)")
+    return _int8_forward(
+        q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
+        return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
+        names=sm90_kernel_names(q.shape[-1], pv_accum_dtype),
+        fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)), varlen=varlen,
+        kernel_only=kernel_only, tensor_maps=True)
+
+
 dispatch.RUNNERS["sm80"] = sm80_forward
 dispatch.RUNNERS["sm89"] = sm89_forward
+dispatch.RUNNERS["sm90"] = sm90_forward
 
 
 # ---- the op ----------------------------------------------------------------------------

@@ -34,6 +34,11 @@ constexpr int kFuncNumRegs = 4;
 constexpr int kFuncPtxVersion = 5;       // 10 * major + minor of the PTX the code came from
 constexpr int kFuncBinaryVersion = 6;    // 10 * major + minor of the SASS that runs
 constexpr int kFuncMaxDynamicSharedSizeBytes = 8;
+
+// cuTensorMapEncodeTiled: CUtensorMap is 128 opaque bytes, 64-byte aligned; its enums are ints.
+struct alignas(64) TensorMap {
+  unsigned long long bits[16];
+};
 }  // namespace cu
 
 // Entry points, resolved by their exported names: cuda.h maps several API names onto `_v2`
@@ -61,6 +66,12 @@ struct DriverApi {
                                unsigned, unsigned, cu::Stream, void **, void **);
   // Optional (driver >= 12.4; null on older drivers): lets launch() check the params size.
   cu::Result (*cuFuncGetParamInfo)(cu::Function, size_t, size_t *, size_t *);
+  // Optional (driver >= 12.0; null on older drivers): tensor maps for the copy engine (sm_90+).
+  cu::Result (*cuTensorMapEncodeTiled)(cu::TensorMap *, int dtype, unsigned rank, void *address,
+                                       const unsigned long long *dims,
+                                       const unsigned long long *strides, const unsigned *box,
+                                       const unsigned *element_strides, int interleave,
+                                       int swizzle, int l2_promotion, int oob_fill);
   int version;  // cuDriverGetVersion: 1000 * major + 10 * minor
 };
 

@@ -5,6 +5,7 @@
 #include <nanobind/stl/array.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <array>
 #include <cstdint>
@@ -12,6 +13,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "cuda_driver.h"
 
@@ -282,6 +284,40 @@ void py_launch(int ordinal, uintptr_t function, const Dim3 &grid, const Dim3 &bl
         });
 }
 
+// A tiled tensor map (rank 1-5; dims and box innermost first, strides in bytes for dims 1..rank-1)
+// as the 128 bytes a kernel parameter struct embeds. Pure host work: no context, no device.
+nb::bytes py_encode_tensor_map(int dtype, uintptr_t address, const std::vector<uint64_t> &dims,
+                               const std::vector<uint64_t> &strides,
+                               const std::vector<uint32_t> &box, int swizzle) {
+  const size_t rank = dims.size();
+  if (rank < 1 || rank > 5 || strides.size() != rank - 1 || box.size() != rank)
+    throw nb::value_error("encode_tensor_map: need 1-5 dims, rank-1 byte strides and rank box sizes");
+  const DriverApi &api = driver("encode_tensor_map");
+  if (api.cuTensorMapEncodeTiled == nullptr)
+    throw CudaError("encode_tensor_map: the NVIDIA driver has no cuTensorMapEncodeTiled (needs a "
+                    "CUDA 12 driver)");
+  cu::TensorMap map{};
+  const std::vector<uint32_t> element_strides(rank, 1);
+  const std::vector<unsigned long long> dims_ull(dims.begin(), dims.end());
+  const std::vector<unsigned long long> strides_ull(strides.begin(), strides.end());
+  // interleave none (0), L2 promotion 128B (2), out-of-bounds elements read as zero (0).
+  check(api.cuTensorMapEncodeTiled(&map, dtype, static_cast<unsigned>(rank),
+                                   reinterpret_cast<void *>(address), dims_ull.data(),
+                                   strides_ull.data(), box.data(), element_strides.data(), 0,
+                                   swizzle, 2, 0),
+        [&] {
+          std::string text = "cuTensorMapEncodeTiled(dtype " + std::to_string(dtype) + ", address " +
+                             hex(address) + ", dims";
+          for (uint64_t d : dims) text += " " + std::to_string(d);
+          text += ", strides";
+          for (uint64_t s : strides) text += " " + std::to_string(s);
+          text += ", box";
+          for (uint32_t b : box) text += " " + std::to_string(b);
+          return text + ", swizzle " + std::to_string(swizzle) + ")";
+        });
+  return nb::bytes(reinterpret_cast<const char *>(&map), sizeof(map));
+}
+
 }  // namespace
 
 NB_MODULE(_ext, m) {
@@ -307,4 +343,8 @@ NB_MODULE(_ext, m) {
   m.def("launch", &py_launch, nb::arg("ordinal"), nb::arg("function"), nb::arg("grid"),
         nb::arg("block"), nb::arg("smem"), nb::arg("stream"), nb::arg("params"),
         "Launch a kernel on a stream with one by-value parameter struct given as bytes.");
+  m.def("encode_tensor_map", &py_encode_tensor_map, nb::arg("dtype"), nb::arg("address"),
+        nb::arg("dims"), nb::arg("strides"), nb::arg("box"), nb::arg("swizzle"),
+        "Encode a tiled CUtensorMap (cuTensorMapEncodeTiled; dims/box innermost first, byte "
+        "strides of dims 1..rank-1, CUtensorMapSwizzle code) and return its 128 bytes.");
 }

@@ -1,0 +1,328 @@
+// The sm90 tree: INT8 QK^T + FP8 E4M3 PV attention for Hopper (sm_90a) with wgmma, bulk tensor
+// copies and warp specialization. SageAttention2's algorithm (per-thread INT8 Q/K, FP8 V with
+// per-channel scales, P scaled by 448 into E4M3, fp32 row sums; two-level "fp32+fp32"
+// accumulation because Hopper's FP8 MMA accumulates with reduced precision) on the quantizer of
+// the other INT8 trees (kernels/common/quantize.cuh).
+//
+// A CTA owns 128 query rows: warpgroup 0 copies (one thread issues the tensor copies of Q once
+// and of K/V per 128-key step into a kStages ring), warpgroups 1 and 2 compute 64 rows each:
+// S = Q K^T (wgmma s8, Q and K from shared memory), dequantize, mask, online softmax, P to E4M3
+// in registers, O (+)= P V^T (wgmma e4m3, P from registers), then the shared mma.sync epilogue
+// (the accumulator layouts are the same).
+#pragma once
+
+#include "../common/epilogue_mma_sync.cuh"
+#include "../common/pv_accumulate.cuh"
+#include "async_copy.cuh"
+#include "traits.cuh"
+
+namespace sageattn {
+namespace sm90 {
+
+constexpr float kLog2PScale = 8.807354922057604f;  // log2(448): P scaled into E4M3's range
+
+/// @brief Base-2 scores of one step: INT32 accumulators times the thread's Q scale and the K
+/// scale of each 64-key half; keys past the sequence or above the causal diagonal -> -inf.
+template <class T>
+__device__ __forceinline__ void dequantize_step(float (&s)[T::kKTiles][4], const int (&acc)[T::kKTiles][4],
+                                                float scale_lo, float scale_hi, bool apply_mask, int key0,
+                                                long long row0, int seq_k, bool causal, long long causal_offset,
+                                                int lane) {
+  const float neg_inf = -__int_as_float(0x7f800000);
+#pragma unroll
+  for (int j = 0; j < T::kKTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      s[j][e] = static_cast<float>(acc[j][e]) * (j < T::kKTiles / 2 ? scale_lo : scale_hi);
+  if (!apply_mask) return;
+#pragma unroll
+  for (int j = 0; j < T::kKTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = key0 + 8 * j + 2 * (lane % 4) + (e % 2);
+      const long long row = row0 + 8 * (e / 2);
+      if (key >= seq_k || (causal && key > row + causal_offset)) s[j][e] = neg_inf;
+    }
+}
+
+/// @brief Online-softmax step of a step with no masked key, on the raw INT32 scores: the
+/// dequantization folds into the exponent's FMA (p = 2^(acc * scale - shift), one rounding) and
+/// the row max is taken on the unscaled scores of each 64-key half (the scales are >= 0).
+/// Same contract as online_softmax_step: `p` comes out scaled by 2^kLog2PScale.
+template <class T>
+__device__ __forceinline__ void softmax_unmasked_step(const int (&acc)[T::kKTiles][4], float scale_lo, float scale_hi,
+                                                      float (&p)[T::kKTiles][4], RowStats& st, float (&rescale)[2],
+                                                      float log2_p_scale) {
+  constexpr int kHalf = T::kKTiles / 2;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float m_lo = static_cast<float>(acc[0][2 * r]), m_hi = static_cast<float>(acc[kHalf][2 * r]);
+#pragma unroll
+    for (int j = 0; j < kHalf; ++j) {
+      m_lo = fmaxf(m_lo, fmaxf(static_cast<float>(acc[j][2 * r]), static_cast<float>(acc[j][2 * r + 1])));
+      m_hi = fmaxf(m_hi, fmaxf(static_cast<float>(acc[kHalf + j][2 * r]), static_cast<float>(acc[kHalf + j][2 * r + 1])));
+    }
+    const float m = quad_max(fmaxf(st.max[r], fmaxf(m_lo * scale_lo, m_hi * scale_hi)));
+    rescale[r] = fast_exp2(st.max[r] - m);
+    st.max[r] = m;
+    const float shift = log2_p_scale - m;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < T::kKTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        p[j][2 * r + e] = fast_exp2(fmaf(static_cast<float>(acc[j][2 * r + e]), j < kHalf ? scale_lo : scale_hi, shift));
+        sum += p[j][2 * r + e];
+      }
+    st.sum[r] = st.sum[r] * rescale[r] + sum;
+  }
+}
+
+/// @brief P (fp32, scaled by 448) -> the E4M3 A fragments of the step's four 32-key products.
+/// The quantizer stored V^T with keys in fp8_pv_key_slot order, so score tiles 4c..4c+3 of a
+/// thread are the A fragment of product c as they stand (no shuffles).
+template <class T>
+__device__ __forceinline__ void pack_p_e4m3(u32 (&a)[T::kKTiles / 4][4], const float (&p)[T::kKTiles][4]) {
+#pragma unroll
+  for (int c = 0; c < T::kKTiles / 4; ++c)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // r = 0: row lane/4 (a0, a2); 1: row lane/4 + 8 (a1, a3)
+      a[c][r] = pack_e4m3x4(p[4 * c][2 * r], p[4 * c][2 * r + 1], p[4 * c + 1][2 * r], p[4 * c + 1][2 * r + 1]);
+      a[c][2 + r] =
+          pack_e4m3x4(p[4 * c + 2][2 * r], p[4 * c + 2][2 * r + 1], p[4 * c + 3][2 * r], p[4 * c + 3][2 * r + 1]);
+    }
+}
+
+/// Grid (q_blocks, Hq, B), T::kThreads threads, T::kSmemBytes dynamic shared memory.
+template <int kHeadDim, PvAccum kAccum>
+__device__ __forceinline__ void attention(const Sm90AttnParams& params) {
+  using T = Traits<kHeadDim>;
+  static_assert(kAccum == PvAccum::kDirect || kAccum == PvAccum::kBlockFp32, "fp32 accumulation only");
+  const AttnParams& p = params.attn;
+  extern __shared__ char smem_raw[];
+  const u32 smem_q = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  const u32 smem_stages = smem_q + T::kQBytes;
+  const u32 bars = smem_stages + T::kStages * T::kStageBytes;
+  const u32 q_full = bars;
+  const auto k_full = [&](int s) { return bars + 8u * (1 + s); };
+  const auto v_full = [&](int s) { return bars + 8u * (1 + T::kStages + s); };
+  const auto kv_free = [&](int s) { return bars + 8u * (1 + 2 * T::kStages + s); };
+  const auto stage_k = [&](int s) { return smem_stages + static_cast<u32>(s) * T::kStageBytes; };
+  const auto stage_v = [&](int s) { return stage_k(s) + T::kKBytes; };
+
+  // Causal: the last query blocks see the most keys; launch them first.
+  const int cta = p.causal ? p.q_blocks - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hkv = h / (p.heads_q / p.heads_kv);
+  const SeqSpan q_span = seq_span(p.cu_seqlens_q, b, p.seq_q);
+  const SeqSpan k_span = seq_span(p.cu_seqlens_k, b, p.seq_k);
+  const int q0 = cta * T::kBlockQ;
+  if (q0 >= q_span.len) return;  // past this (varlen) sequence's end: nothing to write
+
+  // Steps (128 keys) this block can see, and the first that needs the key mask.
+  const long long causal_offset = p.cu_seqlens_q != 0 ? k_span.len - q_span.len : p.causal_offset;
+  int n_steps = (k_span.len + T::kBlockK - 1) / T::kBlockK;
+  long long first_masked = k_span.len / T::kBlockK;
+  if (p.causal) {
+    const long long last_visible = q0 + T::kBlockQ - 1 + causal_offset;
+    n_steps = last_visible < 0 ? 0 : static_cast<int>(min(static_cast<long long>(n_steps), last_visible / T::kBlockK + 1));
+    const long long first_row_limit = q0 + causal_offset;
+    first_masked = min(first_masked, first_row_limit < 0 ? 0 : (first_row_limit + 1) / T::kBlockK);
+  }
+  const int bhq = b * p.heads_q + h;
+  const int bhk = b * p.heads_kv + hkv;
+
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < T::kStages; ++s) {
+      mbar_init(k_full(s), 1);
+      mbar_init(v_full(s), 1);
+      mbar_init(kv_free(s), 4 * T::kConsumers);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    // Producer: one thread issues every copy; the rest of the warpgroup idles until exit.
+    warpgroup_release_registers<T::kProducerRegs>();
+    if (threadIdx.x == 0 && n_steps > 0) {
+      prefetch_tensor_map(&params.tmap_k);
+      prefetch_tensor_map(&params.tmap_v);
+      mbar_arrive_expect_tx(q_full, T::kQBytes);
+      tma_load_3d(smem_q, &params.tmap_q, q_full, 0, q0, bhq);
+      for (int t = 0; t < n_steps; ++t) {
+        const int s = t % T::kStages;
+        if (t >= T::kStages) mbar_wait(kv_free(s), ((t / T::kStages) - 1) & 1);
+        mbar_arrive_expect_tx(k_full(s), T::kKBytes);
+        tma_load_3d(stage_k(s), &params.tmap_k, k_full(s), 0, t * T::kBlockK, bhk);
+        mbar_arrive_expect_tx(v_full(s), T::kVBytes);
+        tma_load_4d(stage_v(s), &params.tmap_v, v_full(s), 0, 0, 2 * t, bhk);
+      }
+    }
+  } else {
+  // setmaxnreg applies only when each warpgroup role is one branch of a single if/else.
+  warpgroup_claim_registers<T::kConsumerRegs>();
+  const int consumer = wg - 1;
+  const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  const int slot_warp = consumer * 4 + warp;  // the quantizer's warp slot of these 16 rows
+  const int row0 = q0 + 16 * slot_warp + lane / 4;
+  const float q_scale = reinterpret_cast<const float*>(p.q_scale)[(static_cast<long long>(bhq) * p.q_blocks + cta) * 64 +
+                                                                 slot_warp * 8 + lane / 4];
+  const float* k_scales = reinterpret_cast<const float*>(p.k_scale) + static_cast<long long>(bhk) * p.k_blocks * 4 + lane % 4;
+  const u32 q_rows = smem_q + static_cast<u32>(consumer) * 64 * kHeadDim;
+
+  float o[T::kOTiles][4];
+#pragma unroll
+  for (int dc = 0; dc < T::kOTiles; ++dc)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[dc][e] = 0.f;
+  RowStats st;
+
+  // S(t) = Q K(t)^T into `acc` (asynchronous: the caller waits).
+  const auto issue_qk = [&](int t, int (&acc)[T::kKTiles][4]) {
+    const int s = t % T::kStages;
+    mbar_wait(k_full(s), (t / T::kStages) & 1);
+    wgmma_fence();
+    const auto q_desc = [&](int kk) { return kmajor_desc(q_rows + 32 * kk, T::kQkGroupBytes, T::kQkSwizzle); };
+    const auto k_desc = [&](int kk) { return kmajor_desc(stage_k(s) + 32 * kk, T::kQkGroupBytes, T::kQkSwizzle); };
+    wgmma_s8_m64n128k32<false>(acc, q_desc(0), k_desc(0));
+#pragma unroll
+    for (int kk = 1; kk < kHeadDim / 32; ++kk) wgmma_s8_m64n128k32<true>(acc, q_desc(kk), k_desc(kk));
+    wgmma_commit();
+  };
+  // d (+)= P(t) V(t) (asynchronous); `fresh`: d starts from zero (two-level accumulation).
+  const auto issue_pv = [&](int t, const u32 (&pa)[T::kKTiles / 4][4], float (&d)[T::kOTiles][4], bool fresh) {
+    const int s = t % T::kStages;
+    mbar_wait(v_full(s), (t / T::kStages) & 1);
+    wgmma_fence();
+    const auto v_desc = [&](int c) {  // 32-key slice c: 64-key block c/2, byte offset 32*(c%2)
+      return kmajor_desc(stage_v(s) + static_cast<u32>(c / 2) * T::kVBlockBytes + 32u * (c % 2), T::kVGroupBytes,
+                         T::kVSwizzle);
+    };
+    if (fresh) {
+      wgmma_pv<kHeadDim, false>(d, pa[0], v_desc(0));
+    } else {
+      wgmma_pv<kHeadDim, true>(d, pa[0], v_desc(0));
+    }
+#pragma unroll
+    for (int c = 1; c < T::kKTiles / 4; ++c) wgmma_pv<kHeadDim, true>(d, pa[c], v_desc(c));
+    wgmma_commit();
+  };
+  // The K scales of step t's two 64-key blocks times Q's: loaded a step ahead (a global load's
+  // latency would otherwise stall the softmax).
+  const auto step_scales = [&](int t, float (&scale)[2]) {
+    const int kb = 2 * t;  // the step's first 64-key quantizer block
+    scale[0] = k_scales[kb * 4];
+    scale[1] = kb + 1 < p.k_blocks ? k_scales[(kb + 1) * 4] : 0.f;
+  };
+  // Scores of step t -> probabilities (fp32, scaled by 448) in place, and the rows' rescale.
+  const auto softmax = [&](int t, const int (&acc)[T::kKTiles][4], const float (&k_scale)[2], float (&sc)[T::kKTiles][4],
+                           float (&rescale)[2]) {
+    const float scale_lo = q_scale * k_scale[0], scale_hi = q_scale * k_scale[1];
+    if (t < first_masked) {
+      softmax_unmasked_step<T>(acc, scale_lo, scale_hi, sc, st, rescale, kLog2PScale);
+    } else {
+      dequantize_step<T>(sc, acc, scale_lo, scale_hi, true, t * T::kBlockK, row0, k_span.len, p.causal != 0,
+                         causal_offset, lane);
+      online_softmax_step<T::kKTiles>(sc, st, rescale, kLog2PScale);
+    }
+  };
+
+  // Ping-pong (FlashAttention-3 §3.1): the consumers take turns issuing their matrix products
+  // (named barriers 1 and 2), so one's softmax runs while the other's products occupy the
+  // tensor cores. Consumer 1 hands consumer 0 the first turn; consumer 0 takes back the extra
+  // arrival after its loop, so both barriers end balanced.
+  const int my_turn = 1 + consumer, their_turn = 2 - consumer;
+  if (consumer == 1) named_barrier_arrive(their_turn, 256);
+  if (n_steps > 0) {
+    mbar_wait(q_full, 0);
+    int acc[T::kKTiles][4];
+    float sc[T::kKTiles][4];
+    u32 pa[T::kKTiles / 4][4];
+    float blk[T::kOTiles][4];  // "fp32+fp32": one step's P V
+    float rescale[2], k_scale[2];
+    step_scales(0, k_scale);
+    named_barrier_sync(my_turn, 256);
+    issue_qk(0, acc);
+    named_barrier_arrive(their_turn, 256);
+    wgmma_wait<0>();
+    fence_registers(acc);
+    softmax(0, acc, k_scale, sc, rescale);
+    pack_p_e4m3<T>(pa, sc);
+    // Intra-warpgroup overlap: one turn issues S(t+1) = Q K(t+1)^T and then P(t) V(t); the
+    // softmax of step t+1 runs while P(t) V(t) is still in the tensor cores. P(t+1) is packed
+    // only after P(t) V(t) retires (its registers are that product's A operand). The last step
+    // is peeled off so the loop body has no conditional product (ptxas then keeps the wgmma
+    // pipeline asynchronous).
+    const auto pv_step = [&](int t) {  // issue P(t) V(t) (the caller holds the turn)
+      if constexpr (kAccum == PvAccum::kBlockFp32) {
+        issue_pv(t, pa, blk, true);
+      } else {
+        issue_pv(t, pa, o, false);
+      }
+    };
+    const auto finish_pv = [&](int t) {  // after P(t) V(t) retired: fold it into O, free the stage
+      if constexpr (kAccum == PvAccum::kBlockFp32) {
+        fence_registers(blk);
+        rescale_rows<T::kOTiles>(o, rescale);
+        add_block<T::kOTiles>(o, blk);
+      } else {
+        fence_registers(o);
+      }
+      if (lane == 0) mbar_arrive(kv_free(t % T::kStages));  // this warp is done reading the stage
+    };
+    const auto direct_rescale = [&]() {  // "fp32": O is the PV accumulator; rescale it first
+      if constexpr (kAccum == PvAccum::kDirect) {
+        rescale_rows<T::kOTiles>(o, rescale);
+        fence_registers(o);
+      }
+    };
+    for (int t = 0; t + 1 < n_steps; ++t) {
+      step_scales(t + 1, k_scale);
+      direct_rescale();
+      named_barrier_sync(my_turn, 256);
+      issue_qk(t + 1, acc);
+      pv_step(t);
+      named_barrier_arrive(their_turn, 256);
+      float rescale_next[2];
+      wgmma_wait<1>();  // S(t+1) is done; P(t) V(t) may still run (groups retire in order)
+      fence_registers(acc);
+      softmax(t + 1, acc, k_scale, sc, rescale_next);
+      wgmma_wait<0>();
+      finish_pv(t);
+      pack_p_e4m3<T>(pa, sc);
+      rescale[0] = rescale_next[0], rescale[1] = rescale_next[1];
+    }
+    direct_rescale();
+    named_barrier_sync(my_turn, 256);
+    pv_step(n_steps - 1);
+    named_barrier_arrive(their_turn, 256);
+    wgmma_wait<0>();
+    finish_pv(n_steps - 1);
+  }
+  if (consumer == 0) named_barrier_sync(my_turn, 256);
+
+  // Outputs: dense rows of (b, h), or the sequence's token rows in packed varlen output.
+  const bool varlen = p.cu_seqlens_q != 0;
+  OutputRows rows;
+  rows.out = reinterpret_cast<u16*>(p.out) + h * p.out_stride_h + (varlen ? q_span.first * p.out_stride_s : b * p.out_stride_b);
+  rows.out_stride_s = p.out_stride_s;
+  const bool lse_contiguous = p.lse_stride_b == 0 && p.lse_stride_h == 0;
+  const long long lse_sb = lse_contiguous ? static_cast<long long>(p.heads_q) * p.seq_q : p.lse_stride_b;
+  const long long lse_sh = lse_contiguous ? p.seq_q : p.lse_stride_h;
+  rows.lse = p.lse == 0 ? nullptr : reinterpret_cast<float*>(p.lse) + h * lse_sh + (varlen ? q_span.first : b * lse_sb);
+  rows.lse_correction = p.lse_correction == 0 ? nullptr
+                                              : reinterpret_cast<const float*>(p.lse_correction) +
+                                                    static_cast<long long>(bhq) * p.seq_q;
+  rows.len = q_span.len;
+  const float* col_scale = reinterpret_cast<const float*>(p.v_scale) + static_cast<long long>(bhk) * kHeadDim;
+  const float* col_bias = p.v_mean != 0 ? reinterpret_cast<const float*>(p.v_mean) + static_cast<long long>(bhk) * kHeadDim
+                                        : nullptr;
+  store_output<T>(p, rows, o, st, kLog2PScale, col_scale, col_bias, row0, lane);
+  }
+}
+
+}  // namespace sm90
+}  // namespace sageattn

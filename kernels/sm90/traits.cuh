@@ -1,0 +1,47 @@
+// Tile shapes and shared-memory layout of the sm90 tree (INT8 QK^T + FP8 PV with wgmma).
+#pragma once
+
+#include "../common/quantize.cuh"  // kQBlockRows, kKBlockRows: the quantizer's blocks
+#include "wgmma.cuh"
+
+namespace sageattn {
+namespace sm90 {
+
+template <int kHeadDim_>
+struct Traits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "native head dims");
+  // One CTA = one quantizer Q block (128 rows): a producer warpgroup (copies) and two consumer
+  // warpgroups of 64 rows each (wgmma's M); warp w of the CTA's consumers is the quantizer's warp
+  // slot w, so Q's per-thread scales line up with the wgmma accumulator rows.
+  static constexpr int kBlockQ = kQBlockRows;
+  static constexpr int kConsumers = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kBlockK = 2 * kKBlockRows;  // keys per step: the wgmma N of QK^T
+  // S(t+1) is issued while step t is still in flight, so a step's copy must land while the step
+  // before it computes: 3 stages (2 and 4 measured no faster, NOTES.md sm90 v3).
+  static constexpr int kStages = 3;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128 * (24 + 2 * 240) <= 64K
+
+  static constexpr int kKTiles = kBlockK / 8;   // m16n8 score tiles per warp per step
+  static constexpr int kOTiles = kHeadDim / 8;  // m16n8 output tiles per warp
+  // Q and K: rows of kHeadDim int8 (K-major), one swizzle span per row.
+  static constexpr Swizzle kQkSwizzle = kHeadDim == 128 ? Swizzle::k128B : Swizzle::k64B;
+  static constexpr u32 kQkGroupBytes = 8 * kHeadDim;
+  // V^T: per 64-key block, kHeadDim rows of 64 e4m3 keys (K-major for the PV product).
+  static constexpr Swizzle kVSwizzle = Swizzle::k64B;
+  static constexpr u32 kVGroupBytes = 8 * kKBlockRows;
+  static constexpr u32 kVBlockBytes = kHeadDim * kKBlockRows;
+
+  static constexpr int kQBytes = kBlockQ * kHeadDim;
+  static constexpr int kKBytes = kBlockK * kHeadDim;
+  static constexpr int kVBytes = kBlockK * kHeadDim;
+  static constexpr int kStageBytes = kKBytes + kVBytes;
+  static constexpr int kBarriers = 1 + 3 * kStages;  // Q full; K full, V full, K/V free per stage
+  // [align slack][Q][stage 0: K V][stage 1: K V]...[barriers]; tiles on 1024-byte boundaries
+  // (the 128B swizzle's period), which every size above is a multiple of.
+  static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + 8 * kBarriers;
+};
+
+}  // namespace sm90
+}  // namespace sageattn
