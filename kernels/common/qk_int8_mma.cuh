@@ -44,19 +44,13 @@ __device__ __forceinline__ void mma_qk(int (&acc)[T::kKTiles][4], const u32 (&qf
   }
 }
 
-/// @brief Dequantize to base-2 scores and mask keys past seq_k or above the causal diagonal.
-/// `key0`: index of this block's first key; `row0`: query index of the thread's first row.
+/// @brief Scores of keys past seq_k or above the causal diagonal -> -inf. Only the blocks from
+/// the first masked one on run it (the diagonal and the partial last block); tools/sass_mix.py
+/// counts it apart from the steady state by this function's name.
 template <class T>
-__device__ __forceinline__ void dequantize_and_mask(float (&s)[T::kKTiles][4], const int (&acc)[T::kKTiles][4],
-                                                    float scale, bool apply_mask, int key0, long long row0,
-                                                    int seq_k, bool causal, long long causal_offset,
-                                                    int lane) {
+__device__ __forceinline__ void mask_scores(float (&s)[T::kKTiles][4], int key0, long long row0, int seq_k,
+                                            bool causal, long long causal_offset, int lane) {
   const float neg_inf = -__int_as_float(0x7f800000);
-#pragma unroll
-  for (int j = 0; j < T::kKTiles; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[j][e] = static_cast<float>(acc[j][e]) * scale;
-  if (!apply_mask) return;
 #pragma unroll
   for (int j = 0; j < T::kKTiles; ++j)
 #pragma unroll
@@ -65,6 +59,20 @@ __device__ __forceinline__ void dequantize_and_mask(float (&s)[T::kKTiles][4], c
       const long long row = row0 + 8 * (e / 2);
       if (key >= seq_k || (causal && key > row + causal_offset)) s[j][e] = neg_inf;
     }
+}
+
+/// @brief Dequantize to base-2 scores and mask keys past seq_k or above the causal diagonal.
+/// `key0`: index of this block's first key; `row0`: query index of the thread's first row.
+template <class T>
+__device__ __forceinline__ void dequantize_and_mask(float (&s)[T::kKTiles][4], const int (&acc)[T::kKTiles][4],
+                                                    float scale, bool apply_mask, int key0, long long row0,
+                                                    int seq_k, bool causal, long long causal_offset,
+                                                    int lane) {
+#pragma unroll
+  for (int j = 0; j < T::kKTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] = static_cast<float>(acc[j][e]) * scale;
+  if (apply_mask) mask_scores<T>(s, key0, row0, seq_k, causal, causal_offset, lane);
 }
 
 }  // namespace sageattn
