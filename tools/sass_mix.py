@@ -4,6 +4,7 @@
     python tools/sass_mix.py build/kernels/sm89.fatbin sm_89 sm89_qkint8_pvfp8_acc16x32_hd128
     python tools/sass_mix.py DIR sm_90 NAME [NAME ...]      # DIR: a build_kernels.py --out folder
     python tools/sass_mix.py ... --blocks                    # also list the loop's basic blocks
+    python tools/sass_mix.py ... --summary                   # one line per kernel
 
 Disassembles the arch's cubin with nvdisasm (line info with inlining: build with -lineinfo, as
 build_kernels.py does), builds the control-flow graph, takes the natural loop that holds the
@@ -323,6 +324,7 @@ def main(argv=None) -> int:
     ap.add_argument("arch", help="sm_89, sm_90, sm_120 ...")
     ap.add_argument("kernels", nargs="+", help="kernel names (the manifest's)")
     ap.add_argument("--blocks", action="store_true", help="list the loop's basic blocks")
+    ap.add_argument("--summary", action="store_true", help="one line per kernel (steady state)")
     ap.add_argument("--cold", default=",".join(COLD), help="comma-separated cold functions")
     args = ap.parse_args(argv)
     cold = tuple(x for x in args.cold.split(",") if x)
@@ -334,8 +336,15 @@ def main(argv=None) -> int:
         if path not in texts:
             texts[path] = disassemble(path, args.arch)
         text, usage = texts[path]
-        print_table(f"{name} {args.arch}", analyse(text, usage, name, cold, args.blocks))
-        print()
+        result = analyse(text, usage, name, cold, args.blocks)
+        if args.summary:
+            c = result["rows"]["steady"]
+            print(f"| {name} | {args.arch} | {result['registers']} | {result['stack_bytes']} | "
+                  f"{c['total']} | {c['mma']} | {c['total'] - c['mma']} | {c['int/addr']} | "
+                  f"{result['rows']['loop']['total']} |")
+        else:
+            print_table(f"{name} {args.arch}", result)
+            print()
     return 0
 
 
