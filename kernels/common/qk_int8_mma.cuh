@@ -29,15 +29,19 @@ __device__ __forceinline__ void mma_qk(int (&acc)[T::kKTiles][4], const u32 (&qf
   for (int j = 0; j < T::kKTiles; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0;
+  // Matrices: keys 8j..8j+7 / 8j+8.. x chunk 2kk / 2kk+1 -> b0,b1 of tiles j and j+1. Key steps
+  // of 8 keep the swizzle phase (swizzled_offset): one lane offset per kk, keys as constants.
+  const int key = (lane % 8) + 8 * (lane / 16);
+  u32 lane_offset[T::kHeadDim / 32];
+#pragma unroll
+  for (int kk = 0; kk < T::kHeadDim / 32; ++kk)
+    lane_offset[kk] = swizzled_offset<T::kQkChunks>(key, 2 * kk + (lane / 8) % 2);
 #pragma unroll
   for (int kk = 0; kk < T::kHeadDim / 32; ++kk) {
 #pragma unroll
     for (int j = 0; j < T::kKTiles; j += 2) {
-      // Matrices: keys 8j..8j+7 / 8j+8.. x chunk 2kk / 2kk+1 -> b0,b1 of tiles j and j+1.
-      const int key = 8 * j + (lane % 8) + 8 * (lane / 16);
-      const int chunk = 2 * kk + (lane / 8) % 2;
       u32 b[4];
-      ldmatrix_x4(b, smem_k + swizzled_chunk<T::kQkChunks>(key, chunk) * 16);
+      ldmatrix_x4(b, smem_k + lane_offset[kk] + 8 * j * T::kQkChunks * 16);
       mma_s8_m16n8k32(acc[j], qf[kk], b[0], b[1]);
       mma_s8_m16n8k32(acc[j + 1], qf[kk], b[2], b[3]);
     }
