@@ -40,13 +40,13 @@ __device__ __forceinline__ void attention_mma_sync(const AttnParams& p) {
   // bottom-right per sequence.
   const long long causal_offset = p.cu_seqlens_q != 0 ? k_span.len - q_span.len : p.causal_offset;
   int n_blocks = (k_span.len + T::kBlockK - 1) / T::kBlockK;
-  long long first_masked = k_span.len / T::kBlockK;  // a partial last block needs the length mask
+  int first_masked = k_span.len / T::kBlockK;  // a partial last block needs the length mask
   if (p.causal) {
     const long long last_visible = q0 + T::kBlockQ - 1 + causal_offset;
     n_blocks = last_visible < 0 ? 0 : static_cast<int>(min(static_cast<long long>(n_blocks), last_visible / T::kBlockK + 1));
     const long long first_row_limit = q0 + causal_offset;  // keys above it are masked for row q0
     const long long diag = first_row_limit < 0 ? 0 : (first_row_limit + 1) / T::kBlockK;
-    first_masked = min(first_masked, diag);
+    first_masked = static_cast<int>(min(static_cast<long long>(first_masked), diag));
   }
   KeptBlocks<T::kThreads> kept;
   kept.mask_row = p.block_mask == 0 ? nullptr
@@ -101,6 +101,9 @@ __device__ __forceinline__ void attention_mma_sync(const AttnParams& p) {
   for (int it = 0; in_flight[0] < n_blocks; ++it) {
     const int kb = in_flight[0];
     const u32 stage = smem_kv + (it % T::kStages) * T::kStageBytes;
+    // Issued before the barrier (a plain load does not cross it), so its latency hides behind
+    // the wait and the QK^T MMAs.
+    const float k_scale = k_scales[kb * 4];
 #pragma unroll
     for (int i = 0; i + 1 < T::kStages - 1; ++i) in_flight[i] = in_flight[i + 1];
     in_flight[T::kStages - 2] = load_next();  // into the stage computed on in iteration it - 1
@@ -111,7 +114,7 @@ __device__ __forceinline__ void attention_mma_sync(const AttnParams& p) {
     int acc[T::kKTiles][4];
     mma_qk<T>(acc, qf, stage, lane);
     float s[T::kKTiles][4];
-    dequantize_and_mask<T>(s, acc, q_scale * k_scales[kb * 4], kb >= first_masked, kb * T::kBlockK, row0,
+    dequantize_and_mask<T>(s, acc, q_scale * k_scale, kb >= first_masked, kb * T::kBlockK, row0,
                            k_span.len, p.causal != 0, causal_offset, lane);
     float rescale[2];
     online_softmax_step<T::kKTiles>(s, st, rescale, Pv::kLog2PScale);

@@ -55,14 +55,21 @@ template <class T>
 __device__ __forceinline__ void mask_scores(float (&s)[T::kKTiles][4], int key0, long long row0, int seq_k,
                                             bool causal, long long causal_offset, int lane) {
   const float neg_inf = -__int_as_float(0x7f800000);
+  // Per row, the last visible key as a column of this block, clamped into [-1, kBlockK]: key
+  // key0 + col is masked iff col > last (key >= seq_k, or key > row + causal_offset), so each
+  // score costs one 32-bit compare instead of 64-bit key/row arithmetic.
+  int last[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    long long limit = static_cast<long long>(seq_k) - 1 - key0;
+    if (causal) limit = min(limit, row0 + 8 * r + causal_offset - key0);
+    last[r] = static_cast<int>(max(-1LL, min(limit, static_cast<long long>(T::kBlockK))));
+  }
 #pragma unroll
   for (int j = 0; j < T::kKTiles; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = key0 + 8 * j + 2 * (lane % 4) + (e % 2);
-      const long long row = row0 + 8 * (e / 2);
-      if (key >= seq_k || (causal && key > row + causal_offset)) s[j][e] = neg_inf;
-    }
+    for (int e = 0; e < 4; ++e)
+      if (8 * j + 2 * (lane % 4) + (e % 2) > last[e / 2]) s[j][e] = neg_inf;
 }
 
 /// @brief Dequantize to base-2 scores and mask keys past seq_k or above the causal diagonal.
