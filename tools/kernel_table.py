@@ -48,7 +48,9 @@ def _sm80_kernels():
     for acc_tag, acc, cxx in (("acc32", "fp32", "kDirect"), ("acc16x32", "fp16+fp32", "kBlockFp16")):
         for hd in (64, 128):
             # 4 warps x 16 rows, 2 CTAs per SM (NOTES.md: +11-20% over 8 warps x 16 rows, 1 CTA).
-            smem = 448 * hd  # Q tile 64*hd int8 + 2 stages of (K 64*hd int8 + V 64*hd fp16)
+            # Q tile 64*hd int8 + 2 stages of (K 64*hd int8 + V 64*hd fp16) + the block-sparse
+            # mask window (64 words: kernels/common/kept_blocks.cuh).
+            smem = 448 * hd + 256
             rows.append(Kernel(
                 f"sm80_qkint8_pvfp16_{acc_tag}_hd{hd}", "attention", "AttnParams",
                 f"sageattn::sm80::attention<{hd}, sageattn::PvAccum::{cxx}>(p)", threads=128,
@@ -75,7 +77,8 @@ def _sm89_kernels():
                 f"sm89_qkint8_pvfp8_{acc_tag}_hd{hd}", "attention", "AttnParams",
                 f"sageattn::sm89::attention<{hd}, sageattn::PvAccum::{cxx}>(p)", threads=128,
                 min_blocks=2, q_rows=64,
-                smem=320 * hd,  # Q 64*hd int8 + 2 stages of (K 64*hd int8 + V^T hd*64 e4m3)
+                # Q 64*hd int8 + 2 stages of (K 64*hd int8 + V^T hd*64 e4m3) + mask window.
+                smem=320 * hd + 256,
                 smem_expr=f"sageattn::sm89::Traits<{hd}>::kSmemBytes",
                 head_dim=hd, pv_accum=acc))
     return tuple(rows)

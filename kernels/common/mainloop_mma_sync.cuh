@@ -8,19 +8,13 @@
 #pragma once
 
 #include "epilogue_mma_sync.cuh"
+#include "kept_blocks.cuh"
 #include "pv_accumulate.cuh"
 #include "qk_int8_mma.cuh"
 #include "quantize.cuh"  // kQBlockRows: the quantizer's Q block
 #include "smem_tiles.cuh"
 
 namespace sageattn {
-
-/// @brief The next key block at or after `kb` that the block mask keeps (n_blocks if none).
-__device__ __forceinline__ int next_kept_block(const signed char* mask_row, long long stride_k, int kb, int n_blocks) {
-  if (mask_row == nullptr) return kb;
-  while (kb < n_blocks && mask_row[kb * stride_k] == 0) ++kb;
-  return kb;
-}
 
 /// Grid (q_blocks * 128 / T::kBlockQ, Hq, B), T::kThreads threads, T::kSmemBytes dynamic shared memory.
 template <class T, class Pv>
@@ -46,18 +40,22 @@ __device__ __forceinline__ void attention_mma_sync(const AttnParams& p) {
   // bottom-right per sequence.
   const long long causal_offset = p.cu_seqlens_q != 0 ? k_span.len - q_span.len : p.causal_offset;
   int n_blocks = (k_span.len + T::kBlockK - 1) / T::kBlockK;
-  long long first_masked = k_span.len / T::kBlockK;  // a partial last block needs the length mask
+  int first_masked = k_span.len / T::kBlockK;  // a partial last block needs the length mask
   if (p.causal) {
     const long long last_visible = q0 + T::kBlockQ - 1 + causal_offset;
     n_blocks = last_visible < 0 ? 0 : static_cast<int>(min(static_cast<long long>(n_blocks), last_visible / T::kBlockK + 1));
     const long long first_row_limit = q0 + causal_offset;  // keys above it are masked for row q0
     const long long diag = first_row_limit < 0 ? 0 : (first_row_limit + 1) / T::kBlockK;
-    first_masked = min(first_masked, diag);
+    first_masked = static_cast<int>(min(static_cast<long long>(first_masked), diag));
   }
-  const signed char* mask_row =
-      p.block_mask == 0 ? nullptr
-                        : reinterpret_cast<const signed char*>(p.block_mask) + b * p.mask_stride_b +
-                              h * p.mask_stride_h + qb * p.mask_stride_q;
+  KeptBlocks<T::kThreads> kept;
+  kept.mask_row = p.block_mask == 0 ? nullptr
+                                    : reinterpret_cast<const signed char*>(p.block_mask) + b * p.mask_stride_b +
+                                          h * p.mask_stride_h + qb * p.mask_stride_q;
+  kept.stride = p.mask_stride_k;
+  kept.words = reinterpret_cast<u32*>(smem + T::kMaskOffset);
+  kept.n_blocks = n_blocks;
+  kept.window_end = 0;
 
   const long long bhq = static_cast<long long>(b) * p.heads_q + h;
   const long long bhk = static_cast<long long>(b) * p.heads_kv + hkv;
@@ -79,42 +77,50 @@ __device__ __forceinline__ void attention_mma_sync(const AttnParams& p) {
 
   // kStages-deep cp.async pipeline over the kept key blocks: the i-th kept block's copies form
   // commit group i (Q joins group 0); every iteration commits one group, empty past the last
-  // block, so the counts stay uniform. Skipped (masked-out) blocks cost one mask byte each.
-  int load_kb = next_kept_block(mask_row, p.mask_stride_k, 0, n_blocks);
+  // block, so the counts stay uniform. One cursor walks the kept blocks (the copies run ahead);
+  // in_flight remembers which blocks the pending groups hold, oldest first (n_blocks: none).
+  int next_load = kept.first();
   int loads_issued = 0;
   const auto load_next = [&]() {
-    if (load_kb < n_blocks) {
+    const int kb = next_load;
+    if (kb < n_blocks) {
       load_kv_stage<T>(smem_kv + (loads_issued % T::kStages) * T::kStageBytes,
-                       k_head + static_cast<long long>(load_kb) * T::kKBytes,
-                       v_head + static_cast<long long>(load_kb) * T::kVBytes);
-      load_kb = next_kept_block(mask_row, p.mask_stride_k, load_kb + 1, n_blocks);
+                       k_head + static_cast<long long>(kb) * T::kKBytes,
+                       v_head + static_cast<long long>(kb) * T::kVBytes);
+      next_load = kept.next(kb);
     }
     ++loads_issued;
     cp_async_commit();
+    return kb;
   };
-  int kb = next_kept_block(mask_row, p.mask_stride_k, 0, n_blocks);
-  if (kb < n_blocks) load_q_tile<T>(smem_q, q_block);
+  if (next_load < n_blocks) load_q_tile<T>(smem_q, q_block);
+  int in_flight[T::kStages - 1];
 #pragma unroll
-  for (int i = 0; i < T::kStages - 1; ++i) load_next();
+  for (int i = 0; i < T::kStages - 1; ++i) in_flight[i] = load_next();
   u32 qf[T::kHeadDim / 32][4];
-  for (int it = 0; kb < n_blocks; ++it) {
+  for (int it = 0; in_flight[0] < n_blocks; ++it) {
+    const int kb = in_flight[0];
     const u32 stage = smem_kv + (it % T::kStages) * T::kStageBytes;
-    load_next();                      // into the stage computed on in iteration it - 1
-    cp_async_wait<T::kStages - 1>();  // block kb has landed (this thread's copies)
-    __syncthreads();                  // ... and everyone's
+    // Issued before the barrier (a plain load does not cross it), so its latency hides behind
+    // the wait and the QK^T MMAs.
+    const float k_scale = k_scales[kb * 4];
+#pragma unroll
+    for (int i = 0; i + 1 < T::kStages - 1; ++i) in_flight[i] = in_flight[i + 1];
+    in_flight[T::kStages - 2] = load_next();  // into the stage computed on in iteration it - 1
+    cp_async_wait<T::kStages - 1>();          // block kb has landed (this thread's copies)
+    __syncthreads();                          // ... and everyone's
     if (it == 0) load_q_fragments<T>(qf, smem_q, warp, lane);
 
     int acc[T::kKTiles][4];
     mma_qk<T>(acc, qf, stage, lane);
     float s[T::kKTiles][4];
-    dequantize_and_mask<T>(s, acc, q_scale * k_scales[kb * 4], kb >= first_masked, kb * T::kBlockK, row0,
+    dequantize_and_mask<T>(s, acc, q_scale * k_scale, kb >= first_masked, kb * T::kBlockK, row0,
                            k_span.len, p.causal != 0, causal_offset, lane);
     float rescale[2];
     online_softmax_step<T::kKTiles>(s, st, rescale, Pv::kLog2PScale);
     rescale_rows<T::kOTiles>(o, rescale);
     Pv::template mma<T>(o, s, stage + T::kKBytes, lane);
     __syncthreads();  // the next iteration's copy overwrites the stage read here
-    kb = next_kept_block(mask_row, p.mask_stride_k, kb + 1, n_blocks);
   }
 
   // Outputs: dense rows of (b, h), or the sequence's token rows in packed varlen output.

@@ -77,6 +77,15 @@ __device__ __forceinline__ int swizzled_chunk(int row, int chunk) {
   return row * kChunks + (chunk ^ flip);
 }
 
+/// @brief Byte offset of (row, chunk) in a swizzled tile, for rows a warp's ldmatrix walks in
+/// steps of 8: the swizzle repeats every 8 rows (and every 8 chunks of a row of >= 8 chunks),
+/// so offset(row + 8m, chunk + 8n) = offset(row, chunk) + (8m * kChunks + 8n) * 16. Callers keep
+/// offset(lane's row, lane's chunk) per distinct chunk phase and add the rest as constants.
+template <int kChunks>
+__device__ __forceinline__ u32 swizzled_offset(int row, int chunk) {
+  return static_cast<u32>(swizzled_chunk<kChunks>(row, chunk)) * 16u;
+}
+
 /// @brief Max over the 4 lanes of a quad (the lanes that share an accumulator row).
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));

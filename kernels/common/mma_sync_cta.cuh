@@ -1,6 +1,7 @@
 // The CTA shape shared by the mma.sync trees (sm80, sm89): they differ only in V's tile.
 #pragma once
 
+#include "kept_blocks.cuh"
 #include "quantize.cuh"
 
 namespace sageattn {
@@ -23,6 +24,7 @@ struct MmaSyncCta {
   static constexpr int kOTiles = kHeadDim / 8;     // m16n8 output tiles per warp
   static constexpr int kQBytes = kBlockQ * kHeadDim;
   static constexpr int kKBytes = kBlockK * kHeadDim;
+  static constexpr int kMaskWindowBytes = KeptBlocks<kThreads>::kSmemBytes;  // block-sparse bitmask
 };
 
 }  // namespace sageattn

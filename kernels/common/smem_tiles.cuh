@@ -12,12 +12,17 @@ namespace sageattn {
 template <int kRows, int kChunks, int kThreads>
 __device__ __forceinline__ void load_tile_async(u32 smem_base, const char* gmem) {
   static_assert((kRows * kChunks) % kThreads == 0, "even split");
+  // Step i moves kThreads / kChunks rows down, a multiple of the swizzle's 8-row period: the
+  // thread's chunk keeps its column, so one address pair per thread serves every step with
+  // constant offsets (immediates in the copy instructions, no per-step address arithmetic).
+  constexpr int kRowsPerStep = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kRowsPerStep % 8 == 0, "steps keep the swizzle phase");
+  const int t = threadIdx.x;
+  const u32 dst = smem_base + swizzled_chunk<kChunks>(t / kChunks, t % kChunks) * 16;
+  const char* src = gmem + t * 16;
 #pragma unroll
-  for (int i = 0; i < kRows * kChunks / kThreads; ++i) {
-    const int idx = threadIdx.x + i * kThreads;
-    const int row = idx / kChunks, chunk = idx % kChunks;
-    cp_async_16(smem_base + swizzled_chunk<kChunks>(row, chunk) * 16, gmem + idx * 16);
-  }
+  for (int i = 0; i < kRows * kChunks / kThreads; ++i)
+    cp_async_16(dst + i * kRowsPerStep * kChunks * 16, src + i * kThreads * 16);
 }
 
 template <class T>

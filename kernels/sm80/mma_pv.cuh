@@ -19,11 +19,18 @@ __device__ __forceinline__ void p_fragment(u32 (&a)[4], const float (&p)[T::kKTi
 }
 
 /// @brief V B-fragments (b0,b1 of output tiles dc and dc+1) for keys 16t..16t+15.
+/// `lane_offset`: v_lane_offset(dc % 8, lane); key steps of 16 and chunk steps of 8 keep the
+/// swizzle phase (swizzled_offset), so they are constants.
 template <class T>
-__device__ __forceinline__ void v_fragments(u32 (&b)[4], u32 smem_v, int t, int dc, int lane) {
-  const int key = 16 * t + (lane % 8) + 8 * ((lane / 8) % 2);
-  const int chunk = dc + lane / 16;
-  ldmatrix_x4_trans(b, smem_v + swizzled_chunk<T::kVChunks>(key, chunk) * 16);
+__device__ __forceinline__ void v_fragments(u32 (&b)[4], u32 smem_v, u32 lane_offset, int t, int dc) {
+  ldmatrix_x4_trans(b, smem_v + lane_offset + (16 * t * T::kVChunks + (dc / 8) * 8) * 16);
+}
+
+/// @brief The lane's ldmatrix offset at t = 0 for output tiles dc, dc+1 (dc < 8): keys
+/// lane%8 + 8((lane/8)%2), chunk dc + lane/16.
+template <class T>
+__device__ __forceinline__ u32 v_lane_offset(int dc, int lane) {
+  return swizzled_offset<T::kVChunks>((lane % 8) + 8 * ((lane / 8) % 2), dc + lane / 16);
 }
 
 /// @brief O += P V for one key block, accumulated as kAccum says (kDirect or kBlockFp16).
@@ -36,6 +43,10 @@ __device__ __forceinline__ void mma_pv(float (&o)[T::kOTiles][4], const float (&
 #pragma unroll
     for (int dc = 0; dc < T::kOTiles; ++dc) acc16[dc][0] = acc16[dc][1] = 0u;
   }
+  constexpr int kPhases = T::kOTiles < 8 ? T::kOTiles / 2 : 4;  // distinct dc % 8 (even dc)
+  u32 lane_offset[kPhases];
+#pragma unroll
+  for (int i = 0; i < kPhases; ++i) lane_offset[i] = v_lane_offset<T>(2 * i, lane);
 #pragma unroll
   for (int t = 0; t < T::kBlockK / 16; ++t) {
     u32 a[4];
@@ -43,7 +54,7 @@ __device__ __forceinline__ void mma_pv(float (&o)[T::kOTiles][4], const float (&
 #pragma unroll
     for (int dc = 0; dc < T::kOTiles; dc += 2) {
       u32 b[4];
-      v_fragments<T>(b, smem_v, t, dc, lane);
+      v_fragments<T>(b, smem_v, lane_offset[(dc % 8) / 2], t, dc);
       if (kAccum == PvAccum::kBlockFp16) {
         mma_f16_m16n8k16_f16acc(acc16[dc], a, b[0], b[1]);
         mma_f16_m16n8k16_f16acc(acc16[dc + 1], a, b[2], b[3]);

@@ -13,8 +13,9 @@ struct Traits : MmaSyncCta<kHeadDim> {
   static constexpr int kVChunks = kHeadDim / 8;    // 16-byte chunks per fp16 row
   static constexpr int kVBytes = Cta::kBlockK * kHeadDim * 2;
   static constexpr int kStageBytes = Cta::kKBytes + kVBytes;
-  // Layout: [Q][K0 V0][K1 V1]; all offsets multiples of 16 bytes (cp.async, ldmatrix).
-  static constexpr int kSmemBytes = Cta::kQBytes + Cta::kStages * kStageBytes;
+  // Layout: [Q][K0 V0][K1 V1][mask window]; all offsets multiples of 16 bytes (cp.async, ldmatrix).
+  static constexpr int kMaskOffset = Cta::kQBytes + Cta::kStages * kStageBytes;
+  static constexpr int kSmemBytes = kMaskOffset + Cta::kMaskWindowBytes;
 };
 
 }  // namespace sm80

@@ -37,11 +37,17 @@ __device__ __forceinline__ void p_fragment_e4m3(u32 (&a)[4], const float (&p)[T:
 }
 
 /// @brief B fragments (b0,b1 of output tiles dc and dc+1) of step t from the V^T tile.
+/// `lane_offset`: vt_lane_offset(t, lane); channel steps of 8 rows keep the swizzle phase.
 template <class T>
-__device__ __forceinline__ void vt_fragments(u32 (&b)[4], u32 smem_vt, int t, int dc, int lane) {
-  const int row = 8 * dc + (lane % 8) + 8 * (lane / 16);
-  const int chunk = 2 * t + (lane / 8) % 2;
-  ldmatrix_x4(b, smem_vt + swizzled_chunk<T::kVChunks>(row, chunk) * 16);
+__device__ __forceinline__ void vt_fragments(u32 (&b)[4], u32 smem_vt, u32 lane_offset, int dc) {
+  ldmatrix_x4(b, smem_vt + lane_offset + 8 * dc * T::kVChunks * 16);
+}
+
+/// @brief The lane's ldmatrix offset for step t at dc = 0: rows (channels) lane%8 + 8(lane/16),
+/// chunk 2t + (lane/8)%2.
+template <class T>
+__device__ __forceinline__ u32 vt_lane_offset(int t, int lane) {
+  return swizzled_offset<T::kVChunks>((lane % 8) + 8 * (lane / 16), 2 * t + (lane / 8) % 2);
 }
 
 template <class T, PvAccum kAccum>
@@ -58,10 +64,11 @@ __device__ __forceinline__ void mma_pv(float (&o)[T::kOTiles][4], const float (&
   for (int t = 0; t < T::kBlockK / 32; ++t) {
     u32 a[4];
     p_fragment_e4m3<T>(a, p, t);
+    const u32 lane_offset = vt_lane_offset<T>(t, lane);
 #pragma unroll
     for (int dc = 0; dc < T::kOTiles; dc += 2) {
       u32 b[4];
-      vt_fragments<T>(b, smem_vt, t, dc, lane);
+      vt_fragments<T>(b, smem_vt, lane_offset, dc);
       if (kAccum == PvAccum::kBlockFp16) {
         mma_e4m3_m16n8k32_f16acc(acc16[dc], a, b[0], b[1]);
         mma_e4m3_m16n8k32_f16acc(acc16[dc + 1], a, b[2], b[3]);

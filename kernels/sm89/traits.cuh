@@ -13,8 +13,9 @@ struct Traits : MmaSyncCta<kHeadDim> {
   static constexpr int kVChunks = Cta::kBlockK / 16;  // 64 one-byte key slots per row
   static constexpr int kVBytes = Cta::kBlockK * kHeadDim;
   static constexpr int kStageBytes = Cta::kKBytes + kVBytes;
-  // Layout: [Q][K0 V^T0][K1 V^T1]; all offsets multiples of 16 bytes.
-  static constexpr int kSmemBytes = Cta::kQBytes + Cta::kStages * kStageBytes;
+  // Layout: [Q][K0 V^T0][K1 V^T1][mask window]; all offsets multiples of 16 bytes (cp.async, ldmatrix).
+  static constexpr int kMaskOffset = Cta::kQBytes + Cta::kStages * kStageBytes;
+  static constexpr int kSmemBytes = kMaskOffset + Cta::kMaskWindowBytes;
 };
 
 }  // namespace sm89

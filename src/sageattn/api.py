@@ -315,8 +315,12 @@ def sparse_sageattn(q, k, v, mask_id=None, is_causal: bool = False, tensor_layou
         if mask_id.dim() > 4 or expanded != want:
             raise ValueError(f"mask_id has shape {tuple(mask_id.shape)}, which does not broadcast "
                              f"to (B, Hq, ceil(Sq/128), ceil(Sk/64)) = {want}")
-        # int8 copy (the kernel reads bytes), then a stride-0 broadcast view: no B*H copies.
-        block_mask = (mask_id != 0).to(torch.int8).expand(want)
+        # The kernel reads one byte per block (nonzero = keep) through the strides: bool and
+        # 8-bit masks are read in place (a reinterpreting view: no copy, no kernel), wider
+        # integers take one compare; then a stride-0 broadcast view, no B*H copies.
+        if mask_id.dtype not in (torch.bool, torch.int8, torch.uint8):
+            mask_id = mask_id != 0
+        block_mask = mask_id.view(torch.int8).expand(want)
     out, lse = ops.attention(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal,
                              sm_scale=scale, return_lse=return_lse, path=path,
                              block_mask=block_mask)

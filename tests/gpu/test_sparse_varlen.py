@@ -64,6 +64,31 @@ def test_sparse_all_ones_equals_dense(path):
     assert torch.equal(sageattn.sparse_sageattn(q, k, v, mask_id=None, path=path), dense)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_sparse_rows_longer_than_one_mask_window(path, causal):
+    """The kernel stages a mask row 2048 key blocks (131072 keys) at a time
+    (kernels/common/kept_blocks.cuh): rows past that refill the window; a window with no kept
+    block at all is skipped; a fully broadcast (stride 0) mask of ones equals the dense call."""
+    torch.manual_seed(3 + causal)
+    B, H, Sq, D = 1, 2, 200, 64
+    Sk = 2300 * 64 - 17
+    q = torch.randn(B, H, Sq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, Sk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kb = -(-Sk // 64)
+    keep = torch.rand(1, H, 2, kb, device="cuda") < 0.05
+    keep[:, 1, 1, :2100] = False  # head 1, query block 1: nothing kept in the first window
+    keep[:, 1, 1, 2290:] = True   # ... up to the partial last block
+    out = sageattn.sparse_sageattn(q, k, v, mask_id=keep, is_causal=causal, path=path)
+    ref = _masked_reference(q, k, v, keep.to(torch.int8), causal)
+    assert torch.isfinite(out).all()
+    assert _rel_l1(out, ref) < BOUND[path]
+    assert _rel_l1(out[:, 1, 128:], ref[:, 1, 128:]) < BOUND[path]
+    ones = torch.ones(1, 1, 1, 1, device="cuda", dtype=torch.uint8)
+    dense = sageattn.sageattn(q, k, v, is_causal=causal, path=path)
+    assert torch.equal(sageattn.sparse_sageattn(q, k, v, mask_id=ones, is_causal=causal, path=path), dense)
+
+
 def test_sparse_mask_errors():
     q = torch.randn(1, 2, 200, 64, device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match="mask_id has shape"):
