@@ -76,6 +76,10 @@ def sm89_kernel_names(head_dim: int, pv_accum_dtype: str) -> tuple:
 
 def kernel_names(path: str, head_dim: int, pv_accum_dtype: str) -> Optional[tuple]:
     """The kernels a call on ``path`` launches (None for a path without a runner here)."""
+    if path == "sm120_fp4":
+        from .ops_fp4 import sm120_kernel_names
+
+        return sm120_kernel_names(head_dim)
     names = {"sm80": sm80_kernel_names, "sm89": sm89_kernel_names}.get(path)
     return names(head_dim, pv_accum_dtype) if names else None
 
@@ -299,9 +303,9 @@ def _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
     cfg = choice.defaults
     out, lse = dispatch.RUNNERS[choice.path](
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
-        return_lse=return_lse, qk_quant_gran=qk_quant_gran or cfg["qk_quant_gran"],
-        pv_accum_dtype=pv_accum_dtype or cfg["pv_accum_dtype"],
-        smooth_k=cfg["smooth_k"] if smooth_k is None else smooth_k,
+        return_lse=return_lse, qk_quant_gran=qk_quant_gran or cfg.get("qk_quant_gran"),
+        pv_accum_dtype=pv_accum_dtype or cfg.get("pv_accum_dtype"),
+        smooth_k=cfg.get("smooth_k", True) if smooth_k is None else smooth_k,
         smooth_v=cfg.get("smooth_v", False) if smooth_v is None else smooth_v, tree=choice.tree,
         **geometry)
     return out, lse
@@ -319,8 +323,9 @@ def attention_kernel_only(q, k, v, *, path: str, tensor_layout: str = "HND",
     cfg = choice.defaults
     return dispatch.RUNNERS[choice.path](
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
-        return_lse=False, qk_quant_gran=qk_quant_gran or cfg["qk_quant_gran"],
-        pv_accum_dtype=pv_accum_dtype or cfg["pv_accum_dtype"], smooth_k=cfg["smooth_k"],
+        return_lse=False, qk_quant_gran=qk_quant_gran or cfg.get("qk_quant_gran"),
+        pv_accum_dtype=pv_accum_dtype or cfg.get("pv_accum_dtype"),
+        smooth_k=cfg.get("smooth_k", True),
         smooth_v=cfg.get("smooth_v", False), tree=choice.tree, kernel_only=True)
 
 
@@ -453,3 +458,6 @@ def attention(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
         return out, (lse if return_lse else None)
     return _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
                  qk_quant_gran, pv_accum_dtype, smooth_k, smooth_v)
+
+
+from . import ops_fp4  # noqa: E402,F401  (registers the sm120_fp4 runner and its op)
