@@ -233,7 +233,7 @@ def test_built_tree_without_runner_is_skipped(package, device):
     # A tree in the package that this Python version cannot drive yet is passed over, said so.
     package(FULL)
     device((9, 0))
-    assert set(dispatch.RUNNERS) == {"sm80", "sm89"}
+    assert set(dispatch.RUNNERS) == {"sm80", "sm89", "sm120_fp4"}
     c = dispatch.resolve(0)
     assert c.path == "sm80"       # not sm89: its E4M3 MMA is emulated on 9.0
     assert "sm90 is the intended path for 9.0; its kernels are in this package but this " \
@@ -388,3 +388,15 @@ def test_import_touches_no_gpu_triton_or_host_layer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[] False"
+
+
+def test_sm120_fp4_on_hopper_is_the_forced_verification_build():
+    # The sm120 tree's sm_90 SASS (software FP4) runs on 9.0 only when forced, and says so.
+    trees = {**FULL, "sm120": {**FULL["sm120"], "sass": ["sm_90", "sm_120a"]}}
+    assert choose((9, 0), trees).path != "sm120_fp4"
+    c = choose((9, 0), trees, "sm120_fp4", "path= argument")
+    assert (c.tree, c.runs_as) == ("sm120", "SASS sm_90") and "verification build" in c.reason
+    assert "sm120_fp4" in dispatch.table_row((9, 0)).explicit
+    assert "verification" not in choose((12, 0), trees, "sm120_fp4", "path= argument").reason
+    with pytest.raises(PathUnavailableError, match="cannot run"):
+        choose((8, 9), trees, "sm120_fp4", "path= argument")
