@@ -2,23 +2,21 @@
 #pragma once
 
 #include "../common/quantize.cuh"
+#include "../common/mma_sync_cta.cuh"
 #include "fp4_numeric.cuh"
 
 namespace sageattn {
 namespace sm120 {
 
-template <int kHeadDim_>
-struct Traits {
-  static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "native head dims");
-  // 4 warps x 16 query rows (one m16 tile each): half a quantizer Q block per CTA, as in the
-  // mma.sync trees. 64 keys per block: one m16n8k64 k-step of the PV product.
-  static constexpr int kWarps = 4;
-  static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockQ = 64;
-  static constexpr int kBlockK = kKBlockRows;
-  static constexpr int kKTiles = kBlockK / 8;      // m16n8 score tiles per key block
-  static constexpr int kOTiles = kHeadDim / 8;     // m16n8 output tiles
+template <int kHeadDim>
+struct Traits : MmaSyncCta<kHeadDim> {
+  using Cta = MmaSyncCta<kHeadDim>;
+  // The mma.sync CTA shape: 4 warps x 16 query rows, half a quantizer Q block per CTA; 64 keys
+  // per block, which is one m16n8k64 k-step of the PV product. (Cta's int8 byte counts do not
+  // apply: FP4 rows are packed, below.)
+  using Cta::kBlockK;
+  using Cta::kBlockQ;
+  using Cta::kThreads;
   static constexpr int kQkSteps = kHeadDim / 64;   // m16n8k64 steps of QK^T
   static constexpr int kRowBytes = kHeadDim / 2;   // packed E2M1 Q/K row
   static constexpr int kRowScales = kHeadDim / kSfGroup;

@@ -398,11 +398,16 @@ def _sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: to
     return out, (lse if lse is not None else _no_lse(q))
 
 
-@_sparse_op.register_fake
-def _(q, k, v, block_mask, tensor_layout, is_causal, sm_scale, return_lse, path):
+def _fake_dense_outputs(q, tensor_layout, return_lse):
+    """(out, lse) of a dense call, as empty tensors of the right shapes (fake implementations)."""
     B, Hq, Sq, D = _hnd(q, tensor_layout).shape
     out = q.new_empty((B, Hq, Sq, D) if tensor_layout == "HND" else (B, Sq, Hq, D))
     return out, q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
+
+
+@_sparse_op.register_fake
+def _(q, k, v, block_mask, tensor_layout, is_causal, sm_scale, return_lse, path):
+    return _fake_dense_outputs(q, tensor_layout, return_lse)
 
 
 @torch.library.custom_op("sageattn::varlen_attention", mutates_args=())

@@ -18,7 +18,7 @@ import torch
 from . import _abi, _loader, dispatch
 from .emulate_fp4 import QuantizedFp4
 from .ops import (_DTYPE_CODE, _K_BLOCK, _LOG2E, _Q_BLOCK, _channel_stats, _current_stream,
-                  _device_guard, _empty, _hnd, _launch, _no_lse, _ptr, _strides, _traced,
+                  _device_guard, _empty, _fake_dense_outputs, _hnd, _launch, _no_lse, _ptr, _strides, _traced,
                   _vectorized)
 
 __all__ = ["sm120_kernel_names", "sm120_forward", "sm120_quantize", "sm120_attend",
@@ -195,9 +195,7 @@ def _fp4_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_layout: st
 
 @_fp4_op.register_fake
 def _(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, per_block_mean, smooth_k):
-    B, Hq, Sq, D = _hnd(q, tensor_layout).shape
-    out = q.new_empty((B, Hq, Sq, D) if tensor_layout == "HND" else (B, Sq, Hq, D))
-    return out, q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
+    return _fake_dense_outputs(q, tensor_layout, return_lse)
 
 
 def fp4_attention(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
