@@ -148,6 +148,40 @@ def test_ptx_has_every_kernel_and_the_abi_version(tree):
     assert versions and all(int(v) == _abi.ABI_VERSION for v in versions)
 
 
+def _sass_by_function(tree: str, arch: str) -> dict:
+    """{kernel name: its SASS text} of one architecture's image of a tree."""
+    dump = _run(_cuobjdump(), "-sass", "-arch", arch, _fatbin(tree))
+    parts = re.split(r"^\s*Function : (\S+)\s*$", dump, flags=re.M)[1:]
+    return dict(zip(parts[::2], parts[1::2]))
+
+
+# The block-scaled FP4 MMA as ptxas emits it (nvcc 13.0 and, per DESIGN.md, NVRTC 12.8).
+_FP4_MMA = re.compile(r"\bOMMA\.SF\.16864\.F32\.E2M1\.E2M1\.UE4M3\.4X\b")
+_E2M1_CVT = re.compile(r"\bF2FP\.SATFINITE\.E2M1\.F32\b")
+
+
+def test_sm120a_sass_has_the_block_scaled_fp4_mma():
+    """Verification 1 of the sm120 tree (no Blackwell GPU here): in the sm_120a image every
+    attention kernel issues the block-scaled FP4 MMA (head dim / 64 QK steps x 8 key tiles + head
+    dim / 8 PV tiles per key block) and the quantizers the E2M1 conversion; the sm_90 image (the
+    software-FP4 verification build) issues neither."""
+    entry = _manifest()["trees"].get("sm120")
+    if entry is None or "sm_120a" not in entry["sass"]:
+        pytest.skip("this build has no sm_120a image (SAGEATTN_CUDA_ARCHS narrowed it)")
+    sass = _sass_by_function("sm120", "sm_120a")
+    for name, k in entry["kernels"].items():
+        if k["kind"] == "attention":
+            hd = k["head_dim"]
+            assert len(_FP4_MMA.findall(sass[name])) == (hd // 64) * 8 + hd // 8, name
+            assert _E2M1_CVT.search(sass[name]), name          # P's second level
+        if k["kind"] in ("quantize", "convert"):
+            assert _E2M1_CVT.search(sass[name]), name
+    if "sm_90" in entry["sass"]:
+        soft = _sass_by_function("sm120", "sm_90")
+        assert soft.keys() >= set(entry["kernels"])
+        assert not any(_FP4_MMA.search(text) or _E2M1_CVT.search(text) for text in soft.values())
+
+
 # --- The host module -------------------------------------------------------------------------
 
 # No torch (no C++ ABI coupling), no CUDA runtime or driver (libcuda is dlopen-ed), no libpython.

@@ -397,3 +397,15 @@ def test_import_touches_no_gpu_triton_or_host_layer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[] False"
+
+
+def test_sm120_fp4_on_hopper_is_the_forced_verification_build():
+    # The sm120 tree's sm_90 SASS (software FP4) runs on 9.0 only when forced, and says so.
+    trees = {**FULL, "sm120": {**FULL["sm120"], "sass": ["sm_90", "sm_120a"]}}
+    assert choose((9, 0), trees).path != "sm120_fp4"
+    c = choose((9, 0), trees, "sm120_fp4", "path= argument")
+    assert (c.tree, c.runs_as) == ("sm120", "SASS sm_90") and "verification build" in c.reason
+    assert "sm120_fp4" in dispatch.table_row((9, 0)).explicit
+    assert "verification" not in choose((12, 0), trees, "sm120_fp4", "path= argument").reason
+    with pytest.raises(PathUnavailableError, match="cannot run"):
+        choose((8, 9), trees, "sm120_fp4", "path= argument")

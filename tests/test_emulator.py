@@ -38,8 +38,10 @@ def make(B=1, H=2, Sq=256, Sk=None, D=128, dtype=torch.bfloat16, Hkv=None, outli
     return tuple(x.to(dtype) for x in (q, k, v))
 
 
-def errors(q, k, v, causal=False, **kw):
-    out, lse = emulate.sm80_attention(q, k, v, is_causal=causal, return_lse=True, **kw)
+def errors(q, k, v, causal=False, emulator=None, **kw):
+    """Errors of an emulator (default: the sm80 path's) against the reference, plus LSE error."""
+    emulator = emulator or emulate.sm80_attention
+    out, lse = emulator(q, k, v, is_causal=causal, return_lse=True, **kw)
     ref, ref_lse = reference.attention(q, k, v, is_causal=causal, return_lse=True)
     m = reference.compare(out, ref)
     assert out.dtype == q.dtype and out.shape == q.shape

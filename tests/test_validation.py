@@ -348,3 +348,39 @@ def test_fp8_cpu_tensors():
 
 def test_sageattn_path_sm89_accepted(fake):
     assert attn(*qkv(), path="sm89").shape == (2, 4, 100, 64)
+
+
+# ---- sageattn3_blackwell (the sm120 FP4 path) ---------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_fp4_entry_point_shapes_through_its_op(fake, layout):
+    q, k, v = qkv(Hkv=2, Sk=70, layout=layout, dtype=torch.bfloat16)
+    out, lse = sageattn.sageattn3_blackwell(q, k, v, tensor_layout=layout, return_lse=True)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (2, 4, 100)
+
+
+def test_fp4_entry_point_validates_like_sageattn(fake):
+    q, k, v = qkv()
+    raises(TypeError, "per_block_mean must be a bool", sageattn.sageattn3_blackwell, q, k, v,
+           per_block_mean=1)
+    raises(TypeError, "smooth_k must be a bool", sageattn.sageattn3_blackwell, q, k, v,
+           smooth_k=None)
+    raises(ValueError, "tensor_layout must be", sageattn.sageattn3_blackwell, q, k, v,
+           tensor_layout="BHSD")
+    raises(ValueError, "head dim 200", sageattn.sageattn3_blackwell, *qkv(D=200))
+
+
+def test_fp4_entry_point_rejects_cpu_tensors():
+    q = torch.zeros(1, 1, 8, 64, dtype=torch.float16)
+    raises(ValueError, "CUDA devices only", sageattn.sageattn3_blackwell, q, q, q)
+
+
+def test_fp4_runner_refuses_what_it_does_not_offer():
+    from sageattn.ops_fp4 import sm120_forward
+
+    q = torch.zeros(1, 1, 8, 64, dtype=torch.float16)
+    kw = dict(tensor_layout="HND", is_causal=False, sm_scale=0.1, return_lse=False)
+    raises(ValueError, "qk_quant_gran='per_warp' is not an option of the sm120_fp4 path",
+           sm120_forward, q, q, q, qk_quant_gran="per_warp", **kw)
+    raises(ValueError, "not offered on the sm120_fp4 path", sm120_forward, q, q, q,
+           block_mask=q, **kw)

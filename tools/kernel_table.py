@@ -108,6 +108,28 @@ def _sm90_kernels():
     return tuple(rows)
 
 
+def _sm120_kernels():
+    rows = [
+        Kernel("sm120_channel_stats", "channel_stats", "ChannelStatsParams",
+               "sageattn::channel_stats(p)", threads=256),
+        # Unit-test kernel: the quantizer's E2M1 and E4M3 conversions, element-wise.
+        Kernel("sm120_convert_fp4_e4m3", "convert", "Fp4ConvertParams",
+               "sageattn::sm120::convert_fp4_e4m3(p)", threads=256),
+    ]
+    for hd in (64, 128):
+        rows.append(Kernel(
+            f"sm120_quantize_qkv_fp4_hd{hd}", "quantize", "QuantFp4Params",
+            f"sageattn::sm120::quantize_qkv_fp4<{hd}>(p)", threads=256, head_dim=hd))
+    for hd in (64, 128):
+        # One stage: Q codes+scales+mean, dS, K codes+scales, V^T codes+scales (traits.cuh).
+        rows.append(Kernel(
+            f"sm120_qkfp4_pvfp4_hd{hd}", "attention", "AttnFp4Params",
+            f"sageattn::sm120::attention<{hd}>(p)", threads=128, min_blocks=2, q_rows=64,
+            smem=112 * hd + 256, smem_expr=f"sageattn::sm120::Traits<{hd}>::kSmemBytes",
+            head_dim=hd, pv_accum="fp32+fp32"))
+    return tuple(rows)
+
+
 TREES = (
     Tree("sm80", "sm80/kernel.cuh",
          sass=("sm_80", "sm_86", "sm_89", "sm_90", "sm_120"), ptx=("compute_80",),
@@ -120,4 +142,10 @@ TREES = (
     # wgmma and setmaxnreg exist only on sm_90a, which has no forward-compatible PTX.
     Tree("sm90", "sm90/kernel.cuh", sass=("sm_90a",), ptx=(),
          kernels=_sm90_kernels()),
+    # SageAttention3: the block-scaled FP4 mma.sync is native on sm_120a only. The sm_90 build
+    # swaps in exact software FP4 behind one compile-time switch (kernels/sm120/fp4_numeric.cuh)
+    # so the H100 can check these kernels against the emulator; dispatch runs it on 9.0 only
+    # when forced. sm_121a (DGX Spark) is left out: NVRTC 12.8 (the cu128 flavour) predates it.
+    Tree("sm120", "sm120/kernel.cuh", sass=("sm_90", "sm_120a"), ptx=(),
+         kernels=_sm120_kernels()),
 )

@@ -18,9 +18,10 @@ struct OutputRows {
 };
 
 /// `col_scale`/`col_bias` (per output column, null = 1 / 0) undo V's quantization and smoothing;
-/// a row with no visible key is written as zeros (LSE -inf), not as the bias.
-template <class T>
-__device__ __forceinline__ void store_output(const AttnParams& p, const OutputRows& dst_rows,
+/// a row with no visible key is written as zeros (LSE -inf), not as the bias. `Params`: any
+/// attention params struct with out_dtype and head_dim_out (AttnParams, AttnFp4Params).
+template <class T, class Params>
+__device__ __forceinline__ void store_output(const Params& p, const OutputRows& dst_rows,
                                              const float (&o)[T::kOTiles][4], const RowStats& st,
                                              float log2_p_scale, const float* col_scale, const float* col_bias,
                                              int row0, int lane) {

@@ -6,7 +6,7 @@
 
 namespace sageattn {
 
-constexpr unsigned kAbiVersion = 4;
+constexpr unsigned kAbiVersion = 5;
 constexpr int kDtypeFp16 = 0;
 constexpr int kDtypeBf16 = 1;
 constexpr int kGranPerThread = 0;
@@ -238,6 +238,162 @@ static_assert(__builtin_offsetof(Sm90AttnParams, tmap_k) == 128, "ABI");
 static_assert(__builtin_offsetof(Sm90AttnParams, tmap_v) == 256, "ABI");
 static_assert(__builtin_offsetof(Sm90AttnParams, attn) == 384, "ABI");
 static_assert(__builtin_offsetof(Sm90AttnParams, _pad0) == 608, "ABI");
+#endif
+
+struct QuantFp4Params {
+  unsigned long long q;
+  long long q_stride_b;
+  long long q_stride_h;
+  long long q_stride_s;
+  unsigned long long k;
+  long long k_stride_b;
+  long long k_stride_h;
+  long long k_stride_s;
+  unsigned long long v;
+  long long v_stride_b;
+  long long v_stride_h;
+  long long v_stride_s;
+  unsigned long long k_mean;
+  unsigned long long q_seq_mean;
+  unsigned long long q_mean;
+  unsigned long long q_fp4;
+  unsigned long long q_sf;
+  unsigned long long k_fp4;
+  unsigned long long k_sf;
+  unsigned long long v_fp4;
+  unsigned long long v_sf;
+  unsigned long long lse_correction;
+  int batch;
+  int heads_q;
+  int heads_kv;
+  int seq_q;
+  int seq_k;
+  int head_dim;
+  int head_dim_padded;
+  int q_blocks;
+  int k_blocks;
+  int in_dtype;
+  int vec_q;
+  int vec_k;
+  int vec_v;
+  float sm_scale;
+};
+static_assert(sizeof(QuantFp4Params) == 232, "ABI");
+#if !defined(__CUDACC_RTC__)
+static_assert(__builtin_offsetof(QuantFp4Params, q) == 0, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, q_stride_b) == 8, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, q_stride_h) == 16, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, q_stride_s) == 24, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, k) == 32, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, k_stride_b) == 40, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, k_stride_h) == 48, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, k_stride_s) == 56, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, v) == 64, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, v_stride_b) == 72, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, v_stride_h) == 80, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, v_stride_s) == 88, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, k_mean) == 96, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, q_seq_mean) == 104, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, q_mean) == 112, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, q_fp4) == 120, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, q_sf) == 128, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, k_fp4) == 136, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, k_sf) == 144, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, v_fp4) == 152, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, v_sf) == 160, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, lse_correction) == 168, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, batch) == 176, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, heads_q) == 180, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, heads_kv) == 184, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, seq_q) == 188, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, seq_k) == 192, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, head_dim) == 196, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, head_dim_padded) == 200, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, q_blocks) == 204, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, k_blocks) == 208, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, in_dtype) == 212, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, vec_q) == 216, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, vec_k) == 220, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, vec_v) == 224, "ABI");
+static_assert(__builtin_offsetof(QuantFp4Params, sm_scale) == 228, "ABI");
+#endif
+
+struct AttnFp4Params {
+  unsigned long long q_fp4;
+  unsigned long long q_sf;
+  unsigned long long q_mean;
+  unsigned long long k_fp4;
+  unsigned long long k_sf;
+  unsigned long long v_fp4;
+  unsigned long long v_sf;
+  unsigned long long out;
+  long long out_stride_b;
+  long long out_stride_h;
+  long long out_stride_s;
+  unsigned long long lse;
+  unsigned long long lse_correction;
+  long long causal_offset;
+  long long lse_stride_b;
+  long long lse_stride_h;
+  int batch;
+  int heads_q;
+  int heads_kv;
+  int seq_q;
+  int seq_k;
+  int head_dim_out;
+  int q_blocks;
+  int k_blocks;
+  int causal;
+  int out_dtype;
+  float sm_scale_log2e;
+  int _pad0;
+};
+static_assert(sizeof(AttnFp4Params) == 176, "ABI");
+#if !defined(__CUDACC_RTC__)
+static_assert(__builtin_offsetof(AttnFp4Params, q_fp4) == 0, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, q_sf) == 8, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, q_mean) == 16, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, k_fp4) == 24, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, k_sf) == 32, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, v_fp4) == 40, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, v_sf) == 48, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, out) == 56, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, out_stride_b) == 64, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, out_stride_h) == 72, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, out_stride_s) == 80, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, lse) == 88, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, lse_correction) == 96, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, causal_offset) == 104, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, lse_stride_b) == 112, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, lse_stride_h) == 120, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, batch) == 128, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, heads_q) == 132, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, heads_kv) == 136, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, seq_q) == 140, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, seq_k) == 144, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, head_dim_out) == 148, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, q_blocks) == 152, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, k_blocks) == 156, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, causal) == 160, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, out_dtype) == 164, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, sm_scale_log2e) == 168, "ABI");
+static_assert(__builtin_offsetof(AttnFp4Params, _pad0) == 172, "ABI");
+#endif
+
+struct Fp4ConvertParams {
+  unsigned long long src;
+  unsigned long long e2m1;
+  unsigned long long e4m3;
+  int n;
+  int _pad0;
+};
+static_assert(sizeof(Fp4ConvertParams) == 32, "ABI");
+#if !defined(__CUDACC_RTC__)
+static_assert(__builtin_offsetof(Fp4ConvertParams, src) == 0, "ABI");
+static_assert(__builtin_offsetof(Fp4ConvertParams, e2m1) == 8, "ABI");
+static_assert(__builtin_offsetof(Fp4ConvertParams, e4m3) == 16, "ABI");
+static_assert(__builtin_offsetof(Fp4ConvertParams, n) == 24, "ABI");
+static_assert(__builtin_offsetof(Fp4ConvertParams, _pad0) == 28, "ABI");
 #endif
 
 }  // namespace sageattn

@@ -6,8 +6,9 @@ kernels load on first use, per device. ``python -m sageattn`` prints what this i
 carries and checks it.
 """
 
-from .api import (sageattn, sageattn_qk_int8_pv_fp16_cuda, sageattn_qk_int8_pv_fp8_cuda,
-                  sageattn_qk_int8_pv_fp8_cuda_sm90, sageattn_varlen, sparse_sageattn)
+from .api import (sageattn, sageattn3_blackwell, sageattn_qk_int8_pv_fp16_cuda,
+                  sageattn_qk_int8_pv_fp8_cuda, sageattn_qk_int8_pv_fp8_cuda_sm90,
+                  sageattn_varlen, sparse_sageattn)
 from .dispatch import PathUnavailableError, UnsupportedDeviceError, explain
 from ._build_info import build_info
 from ._loader import PackageError
@@ -15,7 +16,7 @@ from ._loader import PackageError
 __all__ = [
     "sageattn", "sageattn_qk_int8_pv_fp16_cuda", "sageattn_qk_int8_pv_fp8_cuda",
     "sageattn_qk_int8_pv_fp8_cuda_sm90", "explain",
-    "sparse_sageattn", "sageattn_varlen",
+    "sparse_sageattn", "sageattn_varlen", "sageattn3_blackwell",
     "build_info", "preload",
     "UnsupportedDeviceError", "PathUnavailableError", "PackageError", "__version__",
 ]

@@ -18,7 +18,7 @@ import ctypes
 import sys
 
 # Bump whenever a struct below changes.
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 # Codes shared by Python and the kernels.
 DTYPE_FP16 = 0
@@ -135,7 +135,72 @@ class Sm90AttnParams(ctypes.Structure):
     ]
 
 
-STRUCTS = (ChannelStatsParams, QuantParams, AttnParams, TensorMap, Sm90AttnParams)
+class QuantFp4Params(ctypes.Structure):
+    """One launch quantizes Q, K and V to NVFP4 (sm120 tree): E2M1 codes, two per byte (element
+    2i in the low nibble), one E4M3 scale per 16 elements. Q and K along the head dim, V along
+    the keys of a 64-key block (V^T tiles, keys in fp4_pv_key_slot order)."""
+
+    _fields_ = [
+        ("q", _ptr), ("q_stride_b", _i64), ("q_stride_h", _i64), ("q_stride_s", _i64),
+        ("k", _ptr), ("k_stride_b", _i64), ("k_stride_h", _i64), ("k_stride_s", _i64),
+        ("v", _ptr), ("v_stride_b", _i64), ("v_stride_h", _i64), ("v_stride_s", _i64),
+        ("k_mean", _ptr),          # const float (B, Hkv, D_pad) or 0: no K smoothing
+        ("q_seq_mean", _ptr),      # const float (B, Hq, D_pad) or 0: Q's mean per 128-token block
+        ("q_mean", _ptr),          # float (B, Hq, q_blocks, D_pad): the mean removed from each Q block
+        ("q_fp4", _ptr),           # u8 (B, Hq, q_blocks*128, D_pad/2)
+        ("q_sf", _ptr),            # u8 E4M3 (B, Hq, q_blocks*128, D_pad/16)
+        ("k_fp4", _ptr),           # u8 (B, Hkv, k_blocks*64, D_pad/2)
+        ("k_sf", _ptr),            # u8 E4M3 (B, Hkv, k_blocks*64, D_pad/16)
+        ("v_fp4", _ptr),           # u8 (B, Hkv, k_blocks, D_pad, 32): V^T, key slots
+        ("v_sf", _ptr),            # u8 E4M3 (B, Hkv, k_blocks, D_pad, 4)
+        ("lse_correction", _ptr),  # float (B, Hq, Sq) or 0: q . k_mean * sm_scale
+        ("batch", _i32), ("heads_q", _i32), ("heads_kv", _i32),
+        ("seq_q", _i32), ("seq_k", _i32),
+        ("head_dim", _i32), ("head_dim_padded", _i32),
+        ("q_blocks", _i32), ("k_blocks", _i32),
+        ("in_dtype", _i32),        # DTYPE_*
+        ("vec_q", _i32), ("vec_k", _i32), ("vec_v", _i32),
+        ("sm_scale", _f32),        # softmax scale (natural-log units), for lse_correction
+    ]
+
+
+class AttnFp4Params(ctypes.Structure):
+    """FP4 attention over NVFP4 operands (sm120 tree); buffers as in QuantFp4Params."""
+
+    _fields_ = [
+        ("q_fp4", _ptr), ("q_sf", _ptr), ("q_mean", _ptr),
+        ("k_fp4", _ptr), ("k_sf", _ptr), ("v_fp4", _ptr), ("v_sf", _ptr),
+        ("out", _ptr), ("out_stride_b", _i64), ("out_stride_h", _i64), ("out_stride_s", _i64),
+        ("lse", _ptr),             # float (B, Hq, Sq) or 0
+        ("lse_correction", _ptr),  # const float (B, Hq, Sq) or 0
+        ("causal_offset", _i64),   # key j visible to query i iff j <= i + causal_offset
+        ("lse_stride_b", _i64), ("lse_stride_h", _i64),  # both 0: contiguous (B, Hq, Sq)
+        ("batch", _i32), ("heads_q", _i32), ("heads_kv", _i32),
+        ("seq_q", _i32), ("seq_k", _i32),
+        ("head_dim_out", _i32),    # columns written to `out` (<= padded head dim)
+        ("q_blocks", _i32), ("k_blocks", _i32),
+        ("causal", _i32),
+        ("out_dtype", _i32),       # DTYPE_*
+        ("sm_scale_log2e", _f32),  # scores = (Q^ K^T + q_mean . K^) * sm_scale_log2e
+        ("_pad0", _i32),
+    ]
+
+
+class Fp4ConvertParams(ctypes.Structure):
+    """Element-wise conversions of the sm120 tree, for unit tests: fp32 -> E2M1 codes (two per
+    byte) and fp32 -> E4M3 codes, through the device functions the quantizer uses."""
+
+    _fields_ = [
+        ("src", _ptr),             # const float (n)
+        ("e2m1", _ptr),            # u8 (n/2)
+        ("e4m3", _ptr),            # u8 (n)
+        ("n", _i32),               # a multiple of 8
+        ("_pad0", _i32),
+    ]
+
+
+STRUCTS = (ChannelStatsParams, QuantParams, AttnParams, TensorMap, Sm90AttnParams,
+           QuantFp4Params, AttnFp4Params, Fp4ConvertParams)
 
 _C_TYPES = {
     ctypes.c_int32: "int",

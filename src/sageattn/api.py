@@ -17,7 +17,7 @@ from .dispatch import PATHS
 
 __all__ = ["sageattn", "sageattn_qk_int8_pv_fp16_cuda", "sageattn_qk_int8_pv_fp8_cuda",
            "sageattn_qk_int8_pv_fp8_cuda_sm90",
-           "sparse_sageattn", "sageattn_varlen"]
+           "sparse_sageattn", "sageattn_varlen", "sageattn3_blackwell"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 _LAYOUTS = ("HND", "NHD")
@@ -375,4 +375,33 @@ def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
     out, lse = ops.attention(q, k, v, tensor_layout="HND", is_causal=is_causal, sm_scale=scale,
                              return_lse=return_lse, path=path, smooth_k=smooth_k,
                              varlen=(cus[0], cus[1], int(max_seqlen_q), int(max_seqlen_k)))
+    return (out, lse) if return_lse else out
+
+
+def sageattn3_blackwell(q, k, v, is_causal: bool = False, per_block_mean: bool = True,
+                        tensor_layout: str = "HND", sm_scale: Optional[float] = None,
+                        return_lse: bool = False, *, smooth_k: bool = True):
+    """SageAttention3: NVFP4 microscaling attention (E2M1 values, one E4M3 scale per 16
+    elements; both products through the block-scaled FP4 ``mma.sync``). Native on compute
+    capability 12.0 (sm_120a); on 9.0 the same kernels run with exact software FP4 (a
+    verification build, slow); elsewhere it raises ``PathUnavailableError``. FP4 is lossy: it
+    is never the default of ``sageattn`` (``path="sm120_fp4"`` or ``SAGEATTN_PATH`` opts in).
+
+    Takes the arguments of ``sageattn`` (same shapes, layouts, GQA, causal alignment, LSE) plus:
+        per_block_mean: Q smoothing by the mean of each 128-token block (True) or of the whole
+            sequence (False); the scores get ``mean_q . K^T`` back, so it changes only how
+            well Q quantizes.
+        smooth_k: subtract K's per-channel mean before quantizing (softmax is unchanged; the
+            LSE is corrected back).
+    Inputs never modified; inference only. Traceable by torch.compile
+    (op ``sageattn::fp4_attention``).
+    """
+    from .ops_fp4 import fp4_attention
+
+    scale = _validate(q, k, v, tensor_layout, is_causal, sm_scale, return_lse)
+    _check_flag("per_block_mean", per_block_mean)
+    _check_flag("smooth_k", smooth_k)
+    out, lse = fp4_attention(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal,
+                             sm_scale=scale, return_lse=return_lse, per_block_mean=per_block_mean,
+                             smooth_k=smooth_k)
     return (out, lse) if return_lse else out

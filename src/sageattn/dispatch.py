@@ -80,6 +80,8 @@ class Row:
     explicit: tuple = ()     # paths this device runs only when asked for by name
     # path -> configuration that replaces the path's defaults on this device
     config: dict = field(default_factory=dict, hash=False, compare=False)
+    # path -> what running it on this device means, added to the reason when it is forced
+    notes: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 TABLE = (
@@ -91,8 +93,13 @@ TABLE = (
         "accumulation (2++) is the design's path for 8.9"),
     # The sm89 tree runs on 9.0 (SASS sm_90) but its E4M3 MMA is emulated there with fp16
     # MMAs: no faster than sm80 and less accurate (NOTES.md), so only when forced (tests).
+    # The sm120 tree's sm_90 SASS is its verification build: exact software FP4 in place of the
+    # block-scaled MMA (kernels/sm120/fp4_numeric.cuh), checked against the emulator on an H100.
     Row(9, 0, ("sm90", "sm80"), "Hopper: only wgmma runs FP8 natively, so the sm90 tree is "
-        "the design's path for 9.0", explicit=("sm89",)),
+        "the design's path for 9.0", explicit=("sm89", "sm120_fp4"),
+        notes={"sm120_fp4": "on 9.0 the sm120 tree is its verification build: the FP4 "
+               "conversions and block-scaled MMA are exact software equivalents (slow; for "
+               "testing the kernels against the emulator, not for speed)"}),
     Row(10, None, ("sm89", "sm80"), "Blackwell datacenter (10.x): no tree of its own yet; the "
         "best tree that runs there"),
     # per_warp Q/K scales on 12.x, as SageAttention 2.2.0 chooses for sm120 (DESIGN.md §4).
@@ -220,8 +227,9 @@ def choose(capability, trees: dict, requested: str = "auto", source: str = "defa
                 f"path {requested!r} ({source}) cannot run on {device} (compute capability "
                 f"{cap}): the {spec.tree} tree has SASS {tree.get('sass')} and PTX "
                 f"{tree.get('ptx')}")
+        note = f"; {row.notes[requested]}" if requested in row.notes else ""
         return Choice(requested, spec.tree, capability, how, requested, source,
-                      f"forced by {source}; {spec.summary}")
+                      f"forced by {source}; {spec.summary}{note}")
     skipped = []
     for name in row.prefer:
         spec = PATHS[name]
@@ -380,7 +388,7 @@ def explain(device=None, *, path: Optional[str] = None, head_dim: int = 128,
     from .ops import kernel_names
 
     try:
-        names = kernel_names(choice.path, head_dim, config["pv_accum_dtype"])
+        names = kernel_names(choice.path, head_dim, config.get("pv_accum_dtype"))
     except ValueError as exc:        # a pv_accum_dtype the path does not offer
         report["reason"] = f"{choice.reason}; {exc}"
         return report

@@ -77,6 +77,10 @@ def sm89_kernel_names(head_dim: int, pv_accum_dtype: str) -> tuple:
 
 def kernel_names(path: str, head_dim: int, pv_accum_dtype: str) -> Optional[tuple]:
     """The kernels a call on ``path`` launches (None for a path without a runner here)."""
+    if path == "sm120_fp4":
+        from .ops_fp4 import sm120_kernel_names
+
+        return sm120_kernel_names(head_dim)
     names = {"sm80": sm80_kernel_names, "sm89": sm89_kernel_names,
              "sm90": sm90_kernel_names}.get(path)
     return names(head_dim, pv_accum_dtype) if names else None
@@ -360,9 +364,9 @@ def _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
     cfg = choice.defaults
     out, lse = dispatch.RUNNERS[choice.path](
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
-        return_lse=return_lse, qk_quant_gran=qk_quant_gran or cfg["qk_quant_gran"],
-        pv_accum_dtype=pv_accum_dtype or cfg["pv_accum_dtype"],
-        smooth_k=cfg["smooth_k"] if smooth_k is None else smooth_k,
+        return_lse=return_lse, qk_quant_gran=qk_quant_gran or cfg.get("qk_quant_gran"),
+        pv_accum_dtype=pv_accum_dtype or cfg.get("pv_accum_dtype"),
+        smooth_k=cfg.get("smooth_k", True) if smooth_k is None else smooth_k,
         smooth_v=cfg.get("smooth_v", False) if smooth_v is None else smooth_v, tree=choice.tree,
         **geometry)
     return out, lse
@@ -380,8 +384,9 @@ def attention_kernel_only(q, k, v, *, path: str, tensor_layout: str = "HND",
     cfg = choice.defaults
     return dispatch.RUNNERS[choice.path](
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
-        return_lse=False, qk_quant_gran=qk_quant_gran or cfg["qk_quant_gran"],
-        pv_accum_dtype=pv_accum_dtype or cfg["pv_accum_dtype"], smooth_k=cfg["smooth_k"],
+        return_lse=False, qk_quant_gran=qk_quant_gran or cfg.get("qk_quant_gran"),
+        pv_accum_dtype=pv_accum_dtype or cfg.get("pv_accum_dtype"),
+        smooth_k=cfg.get("smooth_k", True),
         smooth_v=cfg.get("smooth_v", False), tree=choice.tree, kernel_only=True)
 
 
@@ -454,11 +459,16 @@ def _sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: to
     return out, (lse if lse is not None else _no_lse(q))
 
 
-@_sparse_op.register_fake
-def _(q, k, v, block_mask, tensor_layout, is_causal, sm_scale, return_lse, path):
+def _fake_dense_outputs(q, tensor_layout, return_lse):
+    """(out, lse) of a dense call, as empty tensors of the right shapes (fake implementations)."""
     B, Hq, Sq, D = _hnd(q, tensor_layout).shape
     out = q.new_empty((B, Hq, Sq, D) if tensor_layout == "HND" else (B, Sq, Hq, D))
     return out, q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
+
+
+@_sparse_op.register_fake
+def _(q, k, v, block_mask, tensor_layout, is_causal, sm_scale, return_lse, path):
+    return _fake_dense_outputs(q, tensor_layout, return_lse)
 
 
 @torch.library.custom_op("sageattn::varlen_attention", mutates_args=())
@@ -514,3 +524,6 @@ def attention(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
         return out, (lse if return_lse else None)
     return _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
                  qk_quant_gran, pv_accum_dtype, smooth_k, smooth_v)
+
+
+from . import ops_fp4  # noqa: E402,F401  (registers the sm120_fp4 runner and its op)
