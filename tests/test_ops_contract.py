@@ -371,7 +371,7 @@ def test_kernel_names_refuse_other_paths_modes():
     assert ops.kernel_names("sm80", 64, "fp16+fp32")[-1] == "sm80_qkint8_pvfp16_acc16x32_hd64"
     assert ops.kernel_names("sm90", 64, "fp32+fp32")[-1] == "sm90_qkint8_pvfp8_acc32x32_hd64"
     assert ops.kernel_names("sm90", 96, "fp32")[-1] == "sm90_qkint8_pvfp8_acc32_hd128"
-    assert ops.kernel_names("sm120_fp4", 64, "fp32") is None
+    assert ops.kernel_names("nonexistent", 64, "fp32") is None
     with pytest.raises(ValueError, match="on the sm90 path"):
         ops.kernel_names("sm90", 64, "fp32+fp16")
     with pytest.raises(ValueError, match="pv_accum_dtype must be one of .* on the sm89 path"):
