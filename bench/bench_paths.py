@@ -350,10 +350,16 @@ def headline(results, seqlens) -> list:
         for D in (128, 64):
             for causal in (False, True):
                 t = results.get((D, causal, key), {}).get(S)
+                c = results.get((D, causal, BASELINE), {}).get(S)
                 if t is not None:
-                    cells.append(f"hd{D} {'causal' if causal else 'full'} {t:.0f}")
+                    ratio = f" ({t / c:.2f}x cuDNN)" if c and key != BASELINE else ""
+                    cells.append(f"hd{D} {'causal' if causal else 'full'} {t:.0f}{ratio}")
         if cells:
-            lines.append(f"- {label(key)} at {_slabel(S)}: " + ", ".join(cells) + " TOPS")
+            lines.append(f"- {label(key)} at {_slabel(S)}, TOPS: " + ", ".join(cells))
+    t = results.get((128, False, "sm90_kernel"), {}).get(S)
+    if t is not None:
+        lines.append(f"- sm90 kernel alone, hd128 full {_slabel(S)}: {t / FP8_GEMM_TFLOPS:.0%} of "
+                     f"the FP8 GEMM rate ({FP8_GEMM_TFLOPS:.0f} TFLOP/s)")
     return lines
 
 
