@@ -7,10 +7,11 @@ this version of the package (``sageattn.explain(path="sm90")`` says why not othe
 Bounds:
 * kernel vs emulator (``VS_EMU``, rel-L1): they quantize identically; besides ex2.approx and
   summation order (as on sm89), Hopper's FP8 wgmma accumulates with less than fp32 precision,
-  which the emulator does not model. A rough model (13 bits kept below the leading bit of each
-  32-key k-chunk's sum, truncated; /tmp-only experiment, not in the emulator) predicted
-  ~1.3e-4 for "fp32+fp32" (each 128-key step from zero) and, for "fp32" (the whole sequence in
-  the wgmma accumulator), 8e-4 at S=1024 growing to 3e-3 at S=4096. Bounds: 1e-3 and 1e-2,
+  which the emulator does not model. A rough model of it, tried on the CPU and kept out of the
+  emulator (after each 32-key k-chunk the sum keeps 13 bits below the leading bit of the larger
+  of the accumulator and the chunk's largest product, truncated), predicted ~1.3e-4 for
+  "fp32+fp32" (each 128-key step from zero) and, for "fp32" (the whole sequence in the wgmma
+  accumulator), 8e-4 at S=1024 growing to 3e-3 at S=4096. Bounds: 1e-3 and 1e-2,
   both well below the FP8 quantization error itself (rel-L1 ~0.037); the table records the
   measured values.
 * kernel vs reference: no worse than the emulator's own error plus that bound.
