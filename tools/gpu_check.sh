@@ -6,13 +6,18 @@
 #   bash tools/gpu_check.sh dist/X.whl      # install a prebuilt wheel instead
 #   bash tools/gpu_check.sh --no-install    # use whatever sageattn is installed
 #
-# Steps: install, `python -m sageattn`, `pytest -m gpu -s tests/gpu` (test_sm80.py and
-# test_sm89.py: the sm89 path is forced where it is not the default), bench/bench_paths.py
-# (sm80, sm89 fp32+fp32 and fp32+fp16, torch SDPA cuDNN and flash; about a minute on an H100).
-# Logs go to $OUT (or ./gpu_check_out); a short table of the steps and the headline numbers is
-# printed last. Environment: SAGEATTN_CUDA_ARCHS narrows the build (e.g. 90), STEPS picks steps
+# Steps: install, `python -m sageattn`, `pytest -m gpu -s tests/gpu` (every file there:
+# test_sm80.py, test_sm89.py (forced where it is not the default), test_sm90.py (9.0 only), ...),
+# bench/bench_paths.py (whole calls of the auto path and of each forced path, the sm90 and sm80
+# kernels alone, torch SDPA cuDNN and flash; B=4 H=32, hd 64 and 128, S 1k..16k, causal and not;
+# about a minute on an H100; BENCH_ARGS="--quick" for hd128 at 4k/16k only), writing
+# $OUT/bench.md and $OUT/bench.png (when matplotlib is there).
+# Logs go to $OUT (or ./gpu_check_out); a short summary (probe, acceptance rows of the tests,
+# the benchmark's issue-3 acceptance lines and headline numbers, the steps) is printed last.
+# Environment: SAGEATTN_CUDA_ARCHS narrows the build (e.g. 90), STEPS picks steps
 # ("install probe tests bench"), BENCH_ARGS passes arguments to the benchmark, PYTEST_ARGS to
-# pytest (e.g. "-k sm89"). Exit status: 0 when every step ran and passed.
+# pytest (e.g. "-k sm90": the tests of test_sm90.py, selected by name).
+# Exit status: 0 when every step ran and passed.
 set -uo pipefail
 
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -64,7 +69,7 @@ fi
 if want bench; then
   # shellcheck disable=SC2086
   run_step bench "$OUT/bench.log" "$PY" "$ROOT/bench/bench_paths.py" --out "$OUT/bench.md" \
-    ${BENCH_ARGS:-}
+    --plot "$OUT/bench.png" ${BENCH_ARGS:-}
 fi
 
 echo
@@ -82,7 +87,10 @@ if [[ -f "$OUT/gpu_errors.md" ]]; then
   grep -E "ACCEPT|torch SDPA" "$OUT/gpu_errors.md"
 fi
 if [[ -f "$OUT/bench.md" ]]; then
-  cat "$OUT/bench.md"
+  # The issue-3 acceptance lines and the headline numbers (full tables: $OUT/bench.md).
+  sed -n '/^#### Issue 3 acceptance/,$p' "$OUT/bench.md"
+  grep -q '^#### Issue 3 acceptance' "$OUT/bench.md" || sed -n '/^### Headline/,$p' "$OUT/bench.md"
+  echo "(full benchmark tables: $OUT/bench.md)"
 fi
 echo
 printf '| %-8s | %-6s | %6s |\n' step status seconds

@@ -1,11 +1,14 @@
-"""The sm80 and sm89 paths, step by step, in torch (CPU or GPU).
+"""The sm80, sm89 and sm90 paths, step by step, in torch (CPU or GPU).
 
 Follows "The sm80 path, exactly" and "The sm89 path (INT8 QK + FP8 PV), exactly" in
 docs/ARCHITECTURE.md: the same padded buffers, the same quantization groups and scale layouts
 as the kernels' temporaries (so each step can be checked on its own), INT32 dot products done
 exactly, base-2 online softmax over 64-key blocks, then either P rounded to fp16 times fp16 V
 (sm80: ``sm80_attention``) or P scaled by 448 and rounded to FP8 E4M3 times per-channel E4M3 V
-(sm89: ``sm89_attention``), in every PV accumulation mode of the kernels.
+(sm89: ``sm89_attention``), in every PV accumulation mode of the kernels. The sm90 path
+(``sm90_attention``) is the sm89 path's quantization and arithmetic with 128-key main-loop steps
+(Hopper's wgmma tiles): one online-softmax max and rescale per 128 keys, and in "fp32+fp32" each
+128-key step's PV product from zero, then added into the fp32 output.
 
 Where it cannot be bit-faithful to the kernels:
 
@@ -26,6 +29,8 @@ Where it cannot be bit-faithful to the kernels:
   products are summed exactly and rounded once (E4M3 and fp16 products are exact in float64);
   the tensor core rounds partial sums. The emulator's "fp32" and "fp32+fp32" are therefore the
   same computation; they differ in the kernels only in where that rounding happens.
+  On sm_90 the FP8 ``wgmma`` accumulates with less than fp32 precision (Hopper's FP8 MMA
+  drops low-order bits of its sums); that is not modelled: tests/gpu/test_sm90.py bounds it.
 * Division ``o / l`` on the sm80 path: the kernels multiply by ``1/l`` (the sm89 emulator does
   the same, in the kernels' order: ``o * (1/l) * v_scale + v_mean``).
 
@@ -53,10 +58,15 @@ __all__ = [
     "QuantizedFp8", "E4M3_MAX", "LOG2_P_SCALE_FP8", "PV_ACCUM_FP8", "e4m3_rn_satfinite",
     "e4m3_bits", "e4m3_values", "fp8_pv_key_slot", "v_scale_max", "channel_stats",
     "quantize_v_fp8", "v_fp8_key_major", "quantize_fp8", "attention_fp8", "sm89_attention",
+    # the sm90 path
+    "SM90_KEY_STEP", "PV_ACCUM_SM90", "sm90_attention",
 ]
 
 Q_BLOCK = 128     # query rows per CTA (8 warps x 16 rows)
-K_BLOCK = 64      # keys per main-loop step
+K_BLOCK = 64      # keys per quantization block (K scales, V^T tiles) and mma.sync loop step
+# Keys per main-loop step of the sm90 kernels: a wgmma QK^T tile of 128 keys (two quantization
+# blocks); the online-softmax max, the rescale and the "fp32+fp32" PV sum happen once per step.
+SM90_KEY_STEP = 128
 PV_K_STEP = 16    # keys per fp16 mma.m16n8k16 step of the PV product
 # Keys per e4m3 mma.m16n8k32 step of the FP8 PV product: where "fp32+fp16" rounds its fp16
 # accumulator. On sm_90 the compiler emulates that MMA with two fp16 m16n8k16 MMAs, which round
@@ -69,6 +79,8 @@ LOG2_P_SCALE_FP8 = math.log2(E4M3_MAX)
 # pv_accum_dtype of the sm89 path -> scale_max of V: one 64-key block of the fp16-accumulated
 # mode sums to at most 64 * 448 * 2.25 = 64512 < 65504 (SageAttention2++).
 PV_ACCUM_FP8 = {"fp32": 448.0, "fp32+fp32": 448.0, "fp32+fp16": 2.25}
+# The sm90 path's modes: no fp16 accumulation (wgmma's FP8 MMA accumulates in fp32 only).
+PV_ACCUM_SM90 = ("fp32+fp32", "fp32")
 _LOG2E = math.log2(math.e)
 
 
@@ -249,30 +261,44 @@ def _block_pv(p16: torch.Tensor, v16: torch.Tensor, pv_accum: str) -> torch.Tens
     raise ValueError(f"unknown pv accumulation {pv_accum!r}")
 
 
-def _score_blocks(qt, seq_q: int, seq_k: int, causal: bool, causal_offset: int):
-    """The visible key blocks in order: yields ``(kb, kv_head, s)`` with ``s`` the block's
-    base-2 scores (B, Hq, Sq, 64), fp32, masked keys ``-inf``; ``kv_head`` maps query heads to
-    kv heads. Shared by both paths (steps 1-3 and the scores of step 5 are the same)."""
+def _rows_padded(x: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Rows ``start .. start+count`` of dim 2 of ``x``, zero rows past its end."""
+    part = x[:, :, start:start + count]
+    if part.shape[2] == count:
+        return part
+    pad = torch.zeros(part.shape[:2] + (count - part.shape[2],) + part.shape[3:],
+                      dtype=part.dtype, device=part.device)
+    return torch.cat([part, pad], dim=2)
+
+
+def _score_blocks(qt, seq_q: int, seq_k: int, causal: bool, causal_offset: int,
+                  key_step: int = K_BLOCK):
+    """The visible main-loop steps of ``key_step`` keys in order: yields ``(start, kv_head,
+    s)`` with ``s`` the step's base-2 scores (B, Hq, Sq, key_step), fp32, masked keys
+    ``-inf``; ``kv_head`` maps query heads to kv heads. Shared by all paths (steps 1-3 and the
+    scores of step 5 are the same; a key's score does not depend on the step size)."""
     Hq, Hkv = qt.q_int8.shape[1], qt.k_int8.shape[1]
     dev = qt.q_int8.device
     kv_head = torch.arange(Hq, device=dev) // (Hq // Hkv)
     q = qt.q_int8[:, :, :seq_q].double()
     qs = _row_scales(qt.q_scale, seq_q)
     rows = torch.arange(seq_q, device=dev)
-    n_blocks = -(-seq_k // K_BLOCK)
+    last_key = qt.k_int8.shape[2] - 1          # past it a step reads zero rows (masked keys)
+    n_steps = -(-seq_k // key_step)
     if causal:
-        # Key blocks wholly above the last row's diagonal contribute nothing.
-        n_blocks = min(n_blocks, max(0, -(-(seq_q + causal_offset) // K_BLOCK)))
-    for kb in range(n_blocks):
-        keys = torch.arange(kb * K_BLOCK, (kb + 1) * K_BLOCK, device=dev)
-        kblk = qt.k_int8[:, :, kb * K_BLOCK:(kb + 1) * K_BLOCK].index_select(1, kv_head)
-        ks = _key_scales(qt.k_scale, keys).index_select(1, kv_head)
+        # Steps wholly above the last row's diagonal contribute nothing.
+        n_steps = min(n_steps, max(0, -(-(seq_q + causal_offset) // key_step)))
+    for step in range(n_steps):
+        start = step * key_step
+        keys = torch.arange(start, start + key_step, device=dev)
+        kblk = _rows_padded(qt.k_int8, start, key_step).index_select(1, kv_head)
+        ks = _key_scales(qt.k_scale, keys.clamp(max=last_key)).index_select(1, kv_head)
         dot = torch.matmul(q, kblk.double().transpose(-1, -2)).float()   # exact: |dot| < 2^24
         s = dot * (qs[..., None] * ks[:, :, None, :])
         hidden = (keys >= seq_k)[None, :]
         if causal:
             hidden = hidden | (keys[None, :] > rows[:, None] + causal_offset)
-        yield kb, kv_head, s.masked_fill(hidden, -math.inf)
+        yield start, kv_head, s.masked_fill(hidden, -math.inf)
 
 
 def _running_state(qt, seq_q: int):
@@ -303,8 +329,8 @@ def attention(qt: Quantized, *, seq_q: int, seq_k: int, head_dim: int, causal=Fa
     """Step 5 over quantized operands: returns out (B, Hq, Sq, head_dim) in ``out_dtype``
     and, with ``return_lse``, the natural-log LSE (B, Hq, Sq) fp32 (else None)."""
     m, l, o = _running_state(qt, seq_q)
-    for kb, kv_head, s in _score_blocks(qt, seq_q, seq_k, causal, causal_offset):
-        vblk = qt.v_fp16[:, :, kb * K_BLOCK:(kb + 1) * K_BLOCK].index_select(1, kv_head)
+    for start, kv_head, s in _score_blocks(qt, seq_q, seq_k, causal, causal_offset):
+        vblk = qt.v_fp16[:, :, start:start + K_BLOCK].index_select(1, kv_head)
         m, l, alpha, p = _softmax_step(m, l, s)
         o = o * alpha[..., None] + _block_pv(p.half(), vblk, pv_accum)
     seen = l > 0
@@ -439,6 +465,15 @@ def v_fp8_key_major(v_fp8: torch.Tensor, kb: int) -> torch.Tensor:
     return e4m3_values(v_fp8[:, :, kb][..., _KEY_SLOTS]).transpose(-1, -2)
 
 
+def _v_fp8_step(v_fp8: torch.Tensor, start: int, key_step: int) -> torch.Tensor:
+    """Keys ``start .. start+key_step`` of an FP8 V^T tile as fp32 values in key order,
+    (B, H, key_step, D_pad): the step's 64-key tiles in turn, zero rows past the last tile."""
+    first, blocks = start // K_BLOCK, v_fp8.shape[2]
+    tiles = [v_fp8_key_major(v_fp8, kb)
+             for kb in range(first, min(blocks, first + key_step // K_BLOCK))]
+    return _rows_padded(torch.cat(tiles, dim=2) if len(tiles) > 1 else tiles[0], 0, key_step)
+
+
 def quantize_fp8(q, k, v, *, sm_scale: float, granularity="per_thread", smooth_k=True,
                  smooth_v=False, pv_accum="fp32+fp16", want_lse_correction=False
                  ) -> QuantizedFp8:
@@ -475,15 +510,19 @@ def _block_pv_fp8(p8: torch.Tensor, v8: torch.Tensor, pv_accum: str) -> torch.Te
 
 def attention_fp8(qt: QuantizedFp8, *, seq_q: int, seq_k: int, head_dim: int, causal=False,
                   causal_offset: int = 0, pv_accum="fp32+fp16", out_dtype=torch.float16,
-                  return_lse=False):
-    """Step 6 of the sm89 path over quantized operands: ``p = exp2(s - m + log2 448)`` (fp32),
-    row sums from fp32 ``p``, ``p8 = E4M3(p)``, ``o = o*alpha + p8 @ v8`` in the mode's
-    accumulation; out = ``o * (1/l) * v_scale + v_mean`` (zeros for rows with no visible key)
-    in ``out_dtype``, (B, Hq, Sq, head_dim); LSE natural-log fp32 (B, Hq, Sq) or None."""
+                  return_lse=False, key_step: int = K_BLOCK):
+    """Step 6 of the FP8-PV paths over quantized operands, ``key_step`` keys per main-loop step
+    (64: sm89, 128: sm90): ``p = exp2(s - m + log2 448)`` (fp32), row sums from fp32 ``p``,
+    ``p8 = E4M3(p)``, ``o = o*alpha + p8 @ v8`` in the mode's accumulation; out =
+    ``o * (1/l) * v_scale + v_mean`` (zeros for rows with no visible key) in ``out_dtype``,
+    (B, Hq, Sq, head_dim); LSE natural-log fp32 (B, Hq, Sq) or None."""
+    if key_step <= 0 or key_step % K_BLOCK:
+        raise ValueError(f"key_step must be a positive multiple of the {K_BLOCK}-key V tiles; "
+                         f"got {key_step}")
     m, l, o = _running_state(qt, seq_q)
-    for kb, kv_head, s in _score_blocks(qt, seq_q, seq_k, causal, causal_offset):
+    for start, kv_head, s in _score_blocks(qt, seq_q, seq_k, causal, causal_offset, key_step):
         m, l, alpha, p = _softmax_step(m, l, s, LOG2_P_SCALE_FP8)
-        v8 = v_fp8_key_major(qt.v_fp8, kb).index_select(1, kv_head)
+        v8 = _v_fp8_step(qt.v_fp8, start, key_step).index_select(1, kv_head)
         o = o * alpha[..., None] + _block_pv_fp8(e4m3_rn_satfinite(p), v8, pv_accum)
     Hq, Hkv = qt.q_int8.shape[1], qt.k_int8.shape[1]
     kv_head = torch.arange(Hq, device=o.device) // (Hq // Hkv)
@@ -513,6 +552,34 @@ def sm89_attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=No
     out, lse = attention_fp8(qt, seq_q=Sq, seq_k=Sk, head_dim=D, causal=is_causal,
                              causal_offset=(Sk - Sq) if causal_offset is None else causal_offset,
                              pv_accum=pv_accum_dtype, out_dtype=q.dtype, return_lse=return_lse)
+    if tensor_layout == "NHD":
+        out = out.transpose(1, 2).contiguous()
+    return (out, lse) if return_lse else out
+
+
+# ---- the sm90 path: the sm89 path with 128-key wgmma steps ----------------------------------
+
+def sm90_attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None,
+                   qk_quant_gran="per_thread", pv_accum_dtype="fp32+fp32", smooth_k=True,
+                   smooth_v=False, return_lse=False, causal_offset=None):
+    """The whole sm90 path on any device: same arguments and result as
+    ``sageattn_qk_int8_pv_fp8_cuda_sm90``. Quantization is the sm89 path's (V scaled to 448);
+    the main loop steps over ``SM90_KEY_STEP`` (128) keys. ``pv_accum_dtype``: "fp32+fp32"
+    (each step's PV product from zero, added into the fp32 output) or "fp32"; both emulate
+    alike (a step's sum is exact here; see the module notes)."""
+    if pv_accum_dtype not in PV_ACCUM_SM90:
+        raise ValueError(f"pv_accum_dtype must be one of {', '.join(map(repr, PV_ACCUM_SM90))} "
+                         f"on the sm90 path; got {pv_accum_dtype!r}")
+    qh, kh, vh = (to_hnd(x, tensor_layout) for x in (q, k, v))
+    D = qh.shape[-1]
+    Sq, Sk = qh.shape[2], kh.shape[2]
+    scale = D ** -0.5 if sm_scale is None else float(sm_scale)
+    qt = quantize_fp8(qh, kh, vh, sm_scale=scale, granularity=qk_quant_gran, smooth_k=smooth_k,
+                      smooth_v=smooth_v, pv_accum=pv_accum_dtype, want_lse_correction=return_lse)
+    out, lse = attention_fp8(qt, seq_q=Sq, seq_k=Sk, head_dim=D, causal=is_causal,
+                             causal_offset=(Sk - Sq) if causal_offset is None else causal_offset,
+                             pv_accum=pv_accum_dtype, out_dtype=q.dtype, return_lse=return_lse,
+                             key_step=SM90_KEY_STEP)
     if tensor_layout == "NHD":
         out = out.transpose(1, 2).contiguous()
     return (out, lse) if return_lse else out
