@@ -101,8 +101,8 @@ def _sm90_kernels():
                 f"sm90_qkint8_pvfp8_{acc_tag}_hd{hd}", "attention", "Sm90AttnParams",
                 f"sageattn::sm90::attention<{hd}, sageattn::PvAccum::{cxx}>(p)", threads=384,
                 min_blocks=1, q_rows=128,
-                # align slack + Q 128*hd + 3 stages of (K 128*hd + V^T 128*hd) + 10 mbarriers
-                smem=1024 + 128 * hd + 3 * 256 * hd + 80,
+                # align slack + Q 128*hd + 4 stages of (K 128*hd + V^T 128*hd) + 13 mbarriers
+                smem=1024 + 128 * hd + 4 * 256 * hd + 104,
                 smem_expr=f"sageattn::sm90::Traits<{hd}>::kSmemBytes",
                 head_dim=hd, pv_accum=acc))
     return tuple(rows)

@@ -19,8 +19,8 @@ struct Traits {
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kBlockK = 2 * kKBlockRows;  // keys per step: the wgmma N of QK^T
   // S(t+1) is issued while step t is still in flight, so a step's copy must land while the step
-  // before it computes: 3 stages (2 and 4 measured no faster, NOTES.md sm90 v3).
-  static constexpr int kStages = 3;
+  // before it computes: 4 stages (NOTES.md sm90 v6: 2, 3, 4 stages = 649, 833, 847 TOPS).
+  static constexpr int kStages = 4;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128 * (24 + 2 * 240) <= 64K
 
   static constexpr int kKTiles = kBlockK / 8;   // m16n8 score tiles per warp per step
