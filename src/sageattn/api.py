@@ -320,7 +320,10 @@ def sparse_sageattn(q, k, v, mask_id=None, is_causal: bool = False, tensor_layou
         # integers take one compare; then a stride-0 broadcast view, no B*H copies.
         if mask_id.dtype not in (torch.bool, torch.int8, torch.uint8):
             mask_id = mask_id != 0
-        block_mask = mask_id.view(torch.int8).expand(want)
+        # Read 1-byte masks in place; Inductor cannot lower a bool->int8 view, so traced calls
+        # convert (one small copy).
+        block_mask = (mask_id.to(torch.int8) if torch.compiler.is_compiling()
+                      else mask_id.view(torch.int8)).expand(want)
     out, lse = ops.attention(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal,
                              sm_scale=scale, return_lse=return_lse, path=path,
                              block_mask=block_mask)

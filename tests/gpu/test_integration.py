@@ -114,7 +114,16 @@ def _varlen_samples():
     yield (q, k, v, cu_q, cu_k, 199, 140, True, 0.125, 0, False, "sm80")
 
 
+def _fp4_samples():
+    if not _path_runs("sm120_fp4"):
+        pytest.skip("the sm120 FP4 tree does not run here")
+    q, k, v = make(B=1, H=4, Hkv=2, Sq=130, Sk=200, D=64)
+    yield (q, k, v, "HND", False, 0.125, True, True, True)
+    yield (q, k, v, "HND", True, 0.125, False, False, False)
+
+
 OPCHECK_SAMPLES = {"sageattn::attention": _attention_samples,
+                   "sageattn::fp4_attention": _fp4_samples,
                    "sageattn::sparse_attention": _sparse_samples,
                    "sageattn::varlen_attention": _varlen_samples}
 

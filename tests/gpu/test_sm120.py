@@ -95,18 +95,23 @@ def check(record, group, q, k, v, layout="HND", causal=False, per_block_mean=Tru
     assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
     ref, ref_lse = reference.attention(q, k, v, tensor_layout=layout, is_causal=causal,
                                        return_lse=True)
-    emu_full = emulate_fp4.sm120_attention(q, k, v, tensor_layout=layout, is_causal=causal,
-                                           per_block_mean=per_block_mean, smooth_k=smooth_k)
+    emu_full, emu_lse = emulate_fp4.sm120_attention(q, k, v, tensor_layout=layout,
+                                                    is_causal=causal, per_block_mean=per_block_mean,
+                                                    smooth_k=smooth_k, return_lse=True)
     m, e = reference.compare(out, ref), reference.compare(emu_full, ref)
     seen = torch.isfinite(ref_lse)
     lse_ref = (lse[seen] - ref_lse[seen]).abs().max().item() if seen.any() else 0.0
+    # FP4 scores move the LSE by the algorithm's own error (up to ~1.8 without K smoothing on
+    # outlier K, measured on the H100): the kernel may not be worse than the emulator by more
+    # than rounding.
+    emu_lse_ref = (emu_lse[seen] - ref_lse[seen]).abs().max().item() if seen.any() else 0.0
     record(group, rel_l1=m["rel_l1"], cos=m["cos"], emu_rel_l1=e["rel_l1"], vs_emu=ve["rel_l1"],
            lse_err=lse_ref)
     assert m["finite"] and ve["finite"] and torch.isfinite(lse[seen]).all(), "non-finite output"
     assert ve["rel_l1"] <= VS_EMU, ("kernel vs emulator", ve)
     assert lse_emu <= LSE_VS_EMU, ("LSE kernel vs emulator", lse_emu)
     assert m["rel_l1"] <= e["rel_l1"] * 1.05 + 2e-3 and m["cos"] >= e["cos"] - 1e-3, (m, e)
-    assert lse_ref <= LSE_VS_REF, lse_ref
+    assert lse_ref <= max(LSE_VS_REF, emu_lse_ref + LSE_VS_EMU), (lse_ref, emu_lse_ref)
     return out, lse
 
 

@@ -125,10 +125,6 @@ def _timed(fn, reps=10):
     return start.elapsed_time(end) / reps
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 7 target not met yet: measured 0.61x (50% skipped) and 0.25x (90%) on the H100, "
-    "2026-11-23; the main loop walks the mask with one dependent global load per skipped block "
-    "(next_kept_block) - stage the row as a bitmask in shared memory first"))
 def test_sparse_skipping_saves_time():
     """Issue acceptance: S=16k, D=128, 50% and 90% of the blocks skipped take <= 0.6x and
     <= 0.2x of the dense call (whole calls; quantization still reads every block)."""
