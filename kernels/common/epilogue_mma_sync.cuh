@@ -4,6 +4,7 @@
 #pragma once
 
 #include "online_softmax.cuh"
+#include "quantize.cuh"  // SeqSpan
 
 namespace sageattn {
 
@@ -16,6 +17,23 @@ struct OutputRows {
   const float* lse_correction;
   int len;
 };
+
+/// @brief Outputs of (b, h): dense rows, or the sequence's token rows in packed varlen output.
+__device__ __forceinline__ OutputRows output_rows(const AttnParams& p, int b, int h, const SeqSpan& q_span,
+                                                  long long bhq) {
+  const bool varlen = p.cu_seqlens_q != 0;
+  OutputRows rows;
+  rows.out = reinterpret_cast<u16*>(p.out) + h * p.out_stride_h + (varlen ? q_span.first * p.out_stride_s : b * p.out_stride_b);
+  rows.out_stride_s = p.out_stride_s;
+  const bool lse_contiguous = p.lse_stride_b == 0 && p.lse_stride_h == 0;
+  const long long lse_sb = lse_contiguous ? static_cast<long long>(p.heads_q) * p.seq_q : p.lse_stride_b;
+  const long long lse_sh = lse_contiguous ? p.seq_q : p.lse_stride_h;
+  rows.lse = p.lse == 0 ? nullptr : reinterpret_cast<float*>(p.lse) + h * lse_sh + (varlen ? q_span.first : b * lse_sb);
+  rows.lse_correction =
+      p.lse_correction == 0 ? nullptr : reinterpret_cast<const float*>(p.lse_correction) + bhq * p.seq_q;
+  rows.len = q_span.len;
+  return rows;
+}
 
 /// `col_scale`/`col_bias` (per output column, null = 1 / 0) undo V's quantization and smoothing;
 /// a row with no visible key is written as zeros (LSE -inf), not as the bias. `Params`: any

@@ -13,6 +13,7 @@
 #include "qk_int8_mma.cuh"
 #include "quantize.cuh"  // kQBlockRows: the quantizer's Q block
 #include "smem_tiles.cuh"
+#include "visible_keys.cuh"
 
 namespace sageattn {
 
@@ -36,18 +37,9 @@ __device__ __forceinline__ void attention_mma_sync(const AttnParams& p) {
   if (q0 >= q_span.len) return;  // past this (varlen) sequence's end: nothing to write
   const int row0 = q0 + warp * 16 + lane / 4;  // the thread's first row (second: +8)
 
-  // Key blocks this query block can see, and from which one masking is needed. Varlen causal is
-  // bottom-right per sequence.
-  const long long causal_offset = p.cu_seqlens_q != 0 ? k_span.len - q_span.len : p.causal_offset;
-  int n_blocks = (k_span.len + T::kBlockK - 1) / T::kBlockK;
-  int first_masked = k_span.len / T::kBlockK;  // a partial last block needs the length mask
-  if (p.causal) {
-    const long long last_visible = q0 + T::kBlockQ - 1 + causal_offset;
-    n_blocks = last_visible < 0 ? 0 : static_cast<int>(min(static_cast<long long>(n_blocks), last_visible / T::kBlockK + 1));
-    const long long first_row_limit = q0 + causal_offset;  // keys above it are masked for row q0
-    const long long diag = first_row_limit < 0 ? 0 : (first_row_limit + 1) / T::kBlockK;
-    first_masked = static_cast<int>(min(static_cast<long long>(first_masked), diag));
-  }
+  const VisibleKeys keys = visible_keys<T::kBlockQ, T::kBlockK>(p, q0, q_span, k_span);
+  const int n_blocks = keys.n_blocks, first_masked = keys.first_masked;
+  const long long causal_offset = keys.causal_offset;
   KeptBlocks<T::kThreads> kept;
   kept.mask_row = p.block_mask == 0 ? nullptr
                                     : reinterpret_cast<const signed char*>(p.block_mask) + b * p.mask_stride_b +
@@ -123,20 +115,7 @@ __device__ __forceinline__ void attention_mma_sync(const AttnParams& p) {
     __syncthreads();  // the next iteration's copy overwrites the stage read here
   }
 
-  // Outputs: dense rows of (b, h), or the sequence's token rows in packed varlen output.
-  const bool varlen = p.cu_seqlens_q != 0;
-  OutputRows rows;
-  rows.out = reinterpret_cast<u16*>(p.out) + h * p.out_stride_h +
-             (varlen ? q_span.first * p.out_stride_s : b * p.out_stride_b);
-  rows.out_stride_s = p.out_stride_s;
-  const bool lse_contiguous = p.lse_stride_b == 0 && p.lse_stride_h == 0;
-  const long long lse_sb = lse_contiguous ? static_cast<long long>(p.heads_q) * p.seq_q : p.lse_stride_b;
-  const long long lse_sh = lse_contiguous ? p.seq_q : p.lse_stride_h;
-  rows.lse = p.lse == 0 ? nullptr
-                        : reinterpret_cast<float*>(p.lse) + h * lse_sh + (varlen ? q_span.first : b * lse_sb);
-  rows.lse_correction =
-      p.lse_correction == 0 ? nullptr : reinterpret_cast<const float*>(p.lse_correction) + bhq * p.seq_q;
-  rows.len = q_span.len;
+  const OutputRows rows = output_rows(p, b, h, q_span, bhq);
   store_output<T>(p, rows, o, st, Pv::kLog2PScale, Pv::template col_scale<T>(p, bhk),
                   Pv::template col_bias<T>(p, bhk), row0, lane);
 }

@@ -13,6 +13,7 @@
 
 #include "../common/epilogue_mma_sync.cuh"
 #include "../common/pv_accumulate.cuh"
+#include "../common/visible_keys.cuh"
 #include "async_copy.cuh"
 #include "traits.cuh"
 
@@ -120,15 +121,9 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   if (q0 >= q_span.len) return;  // past this (varlen) sequence's end: nothing to write
 
   // Steps (128 keys) this block can see, and the first that needs the key mask.
-  const long long causal_offset = p.cu_seqlens_q != 0 ? k_span.len - q_span.len : p.causal_offset;
-  int n_steps = (k_span.len + T::kBlockK - 1) / T::kBlockK;
-  long long first_masked = k_span.len / T::kBlockK;
-  if (p.causal) {
-    const long long last_visible = q0 + T::kBlockQ - 1 + causal_offset;
-    n_steps = last_visible < 0 ? 0 : static_cast<int>(min(static_cast<long long>(n_steps), last_visible / T::kBlockK + 1));
-    const long long first_row_limit = q0 + causal_offset;
-    first_masked = min(first_masked, first_row_limit < 0 ? 0 : (first_row_limit + 1) / T::kBlockK);
-  }
+  const VisibleKeys keys = visible_keys<T::kBlockQ, T::kBlockK>(p, q0, q_span, k_span);
+  const int n_steps = keys.n_blocks, first_masked = keys.first_masked;
+  const long long causal_offset = keys.causal_offset;
   const int bhq = b * p.heads_q + h;
   const int bhk = b * p.heads_kv + hkv;
 
@@ -304,19 +299,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   }
   if (consumer == 0) named_barrier_sync(my_turn, 256);
 
-  // Outputs: dense rows of (b, h), or the sequence's token rows in packed varlen output.
-  const bool varlen = p.cu_seqlens_q != 0;
-  OutputRows rows;
-  rows.out = reinterpret_cast<u16*>(p.out) + h * p.out_stride_h + (varlen ? q_span.first * p.out_stride_s : b * p.out_stride_b);
-  rows.out_stride_s = p.out_stride_s;
-  const bool lse_contiguous = p.lse_stride_b == 0 && p.lse_stride_h == 0;
-  const long long lse_sb = lse_contiguous ? static_cast<long long>(p.heads_q) * p.seq_q : p.lse_stride_b;
-  const long long lse_sh = lse_contiguous ? p.seq_q : p.lse_stride_h;
-  rows.lse = p.lse == 0 ? nullptr : reinterpret_cast<float*>(p.lse) + h * lse_sh + (varlen ? q_span.first : b * lse_sb);
-  rows.lse_correction = p.lse_correction == 0 ? nullptr
-                                              : reinterpret_cast<const float*>(p.lse_correction) +
-                                                    static_cast<long long>(bhq) * p.seq_q;
-  rows.len = q_span.len;
+  const OutputRows rows = output_rows(p, b, h, q_span, bhq);
   const float* col_scale = reinterpret_cast<const float*>(p.v_scale) + static_cast<long long>(bhk) * kHeadDim;
   const float* col_bias = p.v_mean != 0 ? reinterpret_cast<const float*>(p.v_mean) + static_cast<long long>(bhk) * kHeadDim
                                         : nullptr;

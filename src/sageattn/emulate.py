@@ -537,12 +537,9 @@ def attention_fp8(qt: QuantizedFp8, *, seq_q: int, seq_k: int, head_dim: int, ca
     return out, lse
 
 
-def sm89_attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None,
-                   qk_quant_gran="per_thread", pv_accum_dtype="fp32+fp16", smooth_k=True,
-                   smooth_v=False, return_lse=False, causal_offset=None):
-    """The whole sm89 path on any device: same arguments and result as
-    ``sageattn_qk_int8_pv_fp8_cuda`` (output in the input dtype and layout, contiguous; LSE
-    fp32 (B, Hq, Sq)). ``causal_offset`` defaults to ``Sk - Sq`` (bottom-right)."""
+def _fp8_path(q, k, v, *, tensor_layout, is_causal, sm_scale, qk_quant_gran, pv_accum_dtype,
+              smooth_k, smooth_v, return_lse, causal_offset, key_step):
+    """The whole FP8-PV path (sm89: 64-key steps, sm90: 128) on any device."""
     qh, kh, vh = (to_hnd(x, tensor_layout) for x in (q, k, v))
     D = qh.shape[-1]
     Sq, Sk = qh.shape[2], kh.shape[2]
@@ -551,10 +548,23 @@ def sm89_attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=No
                       smooth_v=smooth_v, pv_accum=pv_accum_dtype, want_lse_correction=return_lse)
     out, lse = attention_fp8(qt, seq_q=Sq, seq_k=Sk, head_dim=D, causal=is_causal,
                              causal_offset=(Sk - Sq) if causal_offset is None else causal_offset,
-                             pv_accum=pv_accum_dtype, out_dtype=q.dtype, return_lse=return_lse)
+                             pv_accum=pv_accum_dtype, out_dtype=q.dtype, return_lse=return_lse,
+                             key_step=key_step)
     if tensor_layout == "NHD":
         out = out.transpose(1, 2).contiguous()
     return (out, lse) if return_lse else out
+
+
+def sm89_attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None,
+                   qk_quant_gran="per_thread", pv_accum_dtype="fp32+fp16", smooth_k=True,
+                   smooth_v=False, return_lse=False, causal_offset=None):
+    """The whole sm89 path on any device: same arguments and result as
+    ``sageattn_qk_int8_pv_fp8_cuda`` (output in the input dtype and layout, contiguous; LSE
+    fp32 (B, Hq, Sq)). ``causal_offset`` defaults to ``Sk - Sq`` (bottom-right)."""
+    return _fp8_path(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
+                     qk_quant_gran=qk_quant_gran, pv_accum_dtype=pv_accum_dtype,
+                     smooth_k=smooth_k, smooth_v=smooth_v, return_lse=return_lse,
+                     causal_offset=causal_offset, key_step=K_BLOCK)
 
 
 # ---- the sm90 path: the sm89 path with 128-key wgmma steps ----------------------------------
@@ -570,16 +580,7 @@ def sm90_attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=No
     if pv_accum_dtype not in PV_ACCUM_SM90:
         raise ValueError(f"pv_accum_dtype must be one of {', '.join(map(repr, PV_ACCUM_SM90))} "
                          f"on the sm90 path; got {pv_accum_dtype!r}")
-    qh, kh, vh = (to_hnd(x, tensor_layout) for x in (q, k, v))
-    D = qh.shape[-1]
-    Sq, Sk = qh.shape[2], kh.shape[2]
-    scale = D ** -0.5 if sm_scale is None else float(sm_scale)
-    qt = quantize_fp8(qh, kh, vh, sm_scale=scale, granularity=qk_quant_gran, smooth_k=smooth_k,
-                      smooth_v=smooth_v, pv_accum=pv_accum_dtype, want_lse_correction=return_lse)
-    out, lse = attention_fp8(qt, seq_q=Sq, seq_k=Sk, head_dim=D, causal=is_causal,
-                             causal_offset=(Sk - Sq) if causal_offset is None else causal_offset,
-                             pv_accum=pv_accum_dtype, out_dtype=q.dtype, return_lse=return_lse,
-                             key_step=SM90_KEY_STEP)
-    if tensor_layout == "NHD":
-        out = out.transpose(1, 2).contiguous()
-    return (out, lse) if return_lse else out
+    return _fp8_path(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
+                     qk_quant_gran=qk_quant_gran, pv_accum_dtype=pv_accum_dtype,
+                     smooth_k=smooth_k, smooth_v=smooth_v, return_lse=return_lse,
+                     causal_offset=causal_offset, key_step=SM90_KEY_STEP)
