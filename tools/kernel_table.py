@@ -102,7 +102,8 @@ def _sm90_kernels():
                 f"sageattn::sm90::attention<{hd}, sageattn::PvAccum::{cxx}>(p)", threads=384,
                 min_blocks=1, q_rows=128,
                 # align slack + Q 128*hd + 4 stages of (K 128*hd + V^T 128*hd) + 13 mbarriers
-                smem=1024 + 128 * hd + 4 * 256 * hd + 104,
+                # + a step entry per stage
+                smem=1024 + 128 * hd + 4 * 256 * hd + 104 + 16,
                 smem_expr=f"sageattn::sm90::Traits<{hd}>::kSmemBytes",
                 head_dim=hd, pv_accum=acc))
     return tuple(rows)

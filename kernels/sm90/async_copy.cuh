@@ -64,6 +64,16 @@ __device__ __forceinline__ void tma_load_4d(u32 dst, const void* map, u32 bar, i
       : "memory");
 }
 
+__device__ __forceinline__ void st_shared_u32(u32 addr, u32 value) {
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ u32 ld_shared_u32(u32 addr) {
+  u32 value;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(value) : "r"(addr) : "memory");
+  return value;
+}
+
 /// @brief Give up (dec) or claim (inc) registers for the whole warpgroup (sm_90a).
 template <int kRegs>
 __device__ __forceinline__ void warpgroup_release_registers() {

@@ -23,12 +23,13 @@ namespace sm90 {
 constexpr float kLog2PScale = 8.807354922057604f;  // log2(448): P scaled into E4M3's range
 
 /// @brief Base-2 scores of one step: INT32 accumulators times the thread's Q scale and the K
-/// scale of each 64-key half; keys past the sequence or above the causal diagonal -> -inf.
+/// scale of each 64-key half; keys past the sequence, above the causal diagonal or in a 64-key
+/// half the block mask skips (`skip`: bit 0 low half, bit 1 high half) -> -inf.
 template <class T>
 __device__ __forceinline__ void dequantize_step(float (&s)[T::kKTiles][4], const int (&acc)[T::kKTiles][4],
                                                 float scale_lo, float scale_hi, bool apply_mask, int key0,
                                                 long long row0, int seq_k, bool causal, long long causal_offset,
-                                                int lane) {
+                                                u32 skip, int lane) {
   const float neg_inf = -__int_as_float(0x7f800000);
 #pragma unroll
   for (int j = 0; j < T::kKTiles; ++j)
@@ -36,15 +37,29 @@ __device__ __forceinline__ void dequantize_step(float (&s)[T::kKTiles][4], const
     for (int e = 0; e < 4; ++e)
       s[j][e] = static_cast<float>(acc[j][e]) * (j < T::kKTiles / 2 ? scale_lo : scale_hi);
   if (!apply_mask) return;
+  // Per row, the last visible key of this step (32-bit: sequence lengths are int32) and the
+  // skipped halves: one compare per score.
+  int last[2];
 #pragma unroll
-  for (int j = 0; j < T::kKTiles; ++j)
+  for (int r = 0; r < 2; ++r) {
+    const long long diag = causal ? row0 + 8 * r + causal_offset : 0x7fffffffLL;
+    last[r] = static_cast<int>(min(static_cast<long long>(seq_k - 1), diag)) - key0;  // may be < 0
+  }
+#pragma unroll
+  for (int j = 0; j < T::kKTiles; ++j) {
+    const bool skipped = (skip >> (j < T::kKTiles / 2 ? 0 : 1)) & 1u;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int key = key0 + 8 * j + 2 * (lane % 4) + (e % 2);
-      const long long row = row0 + 8 * (e / 2);
-      if (key >= seq_k || (causal && key > row + causal_offset)) s[j][e] = neg_inf;
+      const int key = 8 * j + 2 * (lane % 4) + (e % 2);  // relative to key0
+      if (key > last[e / 2] || skipped) s[j][e] = neg_inf;
     }
+  }
 }
+
+/// Step list entries the producer hands the consumers through shared memory: the step index
+/// and which 64-key halves the block mask skips; kEndOfSteps after the last step.
+constexpr u32 kSkipLo = 1u << 30, kSkipHi = 1u << 31, kStepMask = kSkipLo - 1;
+constexpr u32 kEndOfSteps = kStepMask;
 
 /// @brief Online-softmax step of a step with no masked key, on the raw INT32 scores: the
 /// dequantization folds into the exponent's FMA (p = 2^(acc * scale - shift), one rounding) and
@@ -108,6 +123,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const auto k_full = [&](int s) { return bars + 8u * (1 + s); };
   const auto v_full = [&](int s) { return bars + 8u * (1 + T::kStages + s); };
   const auto kv_free = [&](int s) { return bars + 8u * (1 + 2 * T::kStages + s); };
+  const u32 step_info = bars + 8u * T::kBarriers;  // u32 per stage (kSkip* | step)
   const auto stage_k = [&](int s) { return smem_stages + static_cast<u32>(s) * T::kStageBytes; };
   const auto stage_v = [&](int s) { return stage_k(s) + T::kKBytes; };
 
@@ -140,20 +156,55 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
 
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
-    // Producer: one thread issues every copy; the rest of the warpgroup idles until exit.
+    // Producer: warp 0 reads the block mask 32 steps at a time (a ballot per 64-key half), its
+    // lane 0 issues every copy and writes each stage's step entry; the other warps idle to exit.
     warpgroup_release_registers<T::kProducerRegs>();
-    if (threadIdx.x == 0 && n_steps > 0) {
-      prefetch_tensor_map(&params.tmap_k);
-      prefetch_tensor_map(&params.tmap_v);
-      mbar_arrive_expect_tx(q_full, T::kQBytes);
-      tma_load_3d(smem_q, &params.tmap_q, q_full, 0, q0, bhq);
-      for (int t = 0; t < n_steps; ++t) {
-        const int s = t % T::kStages;
-        if (t >= T::kStages) mbar_wait(kv_free(s), ((t / T::kStages) - 1) & 1);
-        mbar_arrive_expect_tx(k_full(s), T::kKBytes);
-        tma_load_3d(stage_k(s), &params.tmap_k, k_full(s), 0, t * T::kBlockK, bhk);
-        mbar_arrive_expect_tx(v_full(s), T::kVBytes);
-        tma_load_4d(stage_v(s), &params.tmap_v, v_full(s), 0, 0, 2 * t, bhk);
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      const signed char* mask_row =
+          p.block_mask == 0 ? nullptr
+                            : reinterpret_cast<const signed char*>(p.block_mask) + b * p.mask_stride_b +
+                                  h * p.mask_stride_h + static_cast<long long>(cta) * p.mask_stride_q;
+      const auto kept = [&](int kb) { return kb < p.k_blocks && mask_row[kb * p.mask_stride_k] != 0; };
+      const auto claim_stage = [&](int i) {  // stage of the i-th entry, once its last reader is done
+        const int s = i % T::kStages;
+        if (i >= T::kStages) mbar_wait(kv_free(s), ((i / T::kStages) - 1) & 1);
+        return s;
+      };
+      if (lane == 0) {
+        prefetch_tensor_map(&params.tmap_k);
+        prefetch_tensor_map(&params.tmap_v);
+      }
+      int i = 0;
+      for (int t0 = 0; t0 < n_steps; t0 += 32) {
+        const int t = t0 + lane;
+        const u32 lo = __ballot_sync(0xffffffffu, t < n_steps && (mask_row == nullptr || kept(2 * t)));
+        const u32 hi = __ballot_sync(0xffffffffu, t < n_steps && (mask_row == nullptr || kept(2 * t + 1)));
+        if (lane == 0) {
+          for (u32 any = lo | hi; any != 0; any &= any - 1) {
+            const int bit = __ffs(any) - 1, step = t0 + bit;
+            const int s = claim_stage(i);
+            if (i == 0) {
+              mbar_arrive_expect_tx(q_full, T::kQBytes);
+              tma_load_3d(smem_q, &params.tmap_q, q_full, 0, q0, bhq);
+            }
+            // A high half past the keys is not "skipped": the length mask covers it.
+            const bool hi_exists = 2 * step + 1 < p.k_blocks;
+            const u32 skip = (((lo >> bit) & 1u) ? 0u : kSkipLo) | (((hi >> bit) & 1u) || !hi_exists ? 0u : kSkipHi);
+            st_shared_u32(step_info + 4u * s, static_cast<u32>(step) | skip);
+            mbar_arrive_expect_tx(k_full(s), T::kKBytes);
+            tma_load_3d(stage_k(s), &params.tmap_k, k_full(s), 0, step * T::kBlockK, bhk);
+            mbar_arrive_expect_tx(v_full(s), T::kVBytes);
+            tma_load_4d(stage_v(s), &params.tmap_v, v_full(s), 0, 0, 2 * step, bhk);
+            ++i;
+          }
+        }
+        __syncwarp();
+      }
+      if (lane == 0) {
+        const int s = claim_stage(i);
+        st_shared_u32(step_info + 4u * s, kEndOfSteps);
+        mbar_arrive(k_full(s));  // completes the phase with no bytes: the consumers see the end
       }
     }
   } else {
@@ -175,22 +226,26 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     for (int e = 0; e < 4; ++e) o[dc][e] = 0.f;
   RowStats st;
 
-  // S(t) = Q K(t)^T into `acc` (asynchronous: the caller waits).
-  const auto issue_qk = [&](int t, int (&acc)[T::kKTiles][4]) {
-    const int s = t % T::kStages;
-    mbar_wait(k_full(s), (t / T::kStages) & 1);
+  // The producer's i-th step entry (kSkip* | step, or kEndOfSteps), once its K tile has landed.
+  const auto next_entry = [&](int i) {
+    mbar_wait(k_full(i % T::kStages), (i / T::kStages) & 1);
+    return ld_shared_u32(step_info + 4u * (i % T::kStages));
+  };
+  // S = Q K^T of entry i into `acc` (asynchronous: the caller waits).
+  const auto issue_qk = [&](int i, int (&acc)[T::kKTiles][4]) {
+    const u32 k_tile = stage_k(i % T::kStages);
     wgmma_fence();
     const auto q_desc = [&](int kk) { return kmajor_desc(q_rows + 32 * kk, T::kQkGroupBytes, T::kQkSwizzle); };
-    const auto k_desc = [&](int kk) { return kmajor_desc(stage_k(s) + 32 * kk, T::kQkGroupBytes, T::kQkSwizzle); };
+    const auto k_desc = [&](int kk) { return kmajor_desc(k_tile + 32 * kk, T::kQkGroupBytes, T::kQkSwizzle); };
     wgmma_s8_m64n128k32<false>(acc, q_desc(0), k_desc(0));
 #pragma unroll
     for (int kk = 1; kk < kHeadDim / 32; ++kk) wgmma_s8_m64n128k32<true>(acc, q_desc(kk), k_desc(kk));
     wgmma_commit();
   };
-  // d (+)= P(t) V(t) (asynchronous); `fresh`: d starts from zero (two-level accumulation).
-  const auto issue_pv = [&](int t, const u32 (&pa)[T::kKTiles / 4][4], float (&d)[T::kOTiles][4], bool fresh) {
-    const int s = t % T::kStages;
-    mbar_wait(v_full(s), (t / T::kStages) & 1);
+  // d (+)= P V of entry i (asynchronous); `fresh`: d starts from zero (two-level accumulation).
+  const auto issue_pv = [&](int i, const u32 (&pa)[T::kKTiles / 4][4], float (&d)[T::kOTiles][4], bool fresh) {
+    const int s = i % T::kStages;
+    mbar_wait(v_full(s), (i / T::kStages) & 1);
     wgmma_fence();
     const auto v_desc = [&](int c) {  // 32-key slice c: 64-key block c/2, byte offset 32*(c%2)
       return kmajor_desc(stage_v(s) + static_cast<u32>(c / 2) * T::kVBlockBytes + 32u * (c % 2), T::kVGroupBytes,
@@ -205,22 +260,24 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     for (int c = 1; c < T::kKTiles / 4; ++c) wgmma_pv<kHeadDim, true>(d, pa[c], v_desc(c));
     wgmma_commit();
   };
-  // The K scales of step t's two 64-key blocks times Q's: loaded a step ahead (a global load's
-  // latency would otherwise stall the softmax).
-  const auto step_scales = [&](int t, float (&scale)[2]) {
-    const int kb = 2 * t;  // the step's first 64-key quantizer block
+  // The K scales of a step's two 64-key blocks: loaded a step ahead (a global load's latency
+  // would otherwise stall the softmax).
+  const auto step_scales = [&](u32 entry, float (&scale)[2]) {
+    const int kb = 2 * static_cast<int>(entry & kStepMask);  // the step's first 64-key quantizer block
     scale[0] = k_scales[kb * 4];
     scale[1] = kb + 1 < p.k_blocks ? k_scales[(kb + 1) * 4] : 0.f;
   };
-  // Scores of step t -> probabilities (fp32, scaled by 448) in place, and the rows' rescale.
-  const auto softmax = [&](int t, const int (&acc)[T::kKTiles][4], const float (&k_scale)[2], float (&sc)[T::kKTiles][4],
-                           float (&rescale)[2]) {
+  // Scores of a step -> probabilities (fp32, scaled by 448) in place, and the rows' rescale.
+  const auto softmax = [&](u32 entry, const int (&acc)[T::kKTiles][4], const float (&k_scale)[2],
+                           float (&sc)[T::kKTiles][4], float (&rescale)[2]) {
+    const int t = static_cast<int>(entry & kStepMask);
+    const u32 skip = entry >> 30;
     const float scale_lo = q_scale * k_scale[0], scale_hi = q_scale * k_scale[1];
-    if (t < first_masked) {
+    if (t < first_masked && skip == 0) {
       softmax_unmasked_step<T>(acc, scale_lo, scale_hi, sc, st, rescale, kLog2PScale);
     } else {
       dequantize_step<T>(sc, acc, scale_lo, scale_hi, true, t * T::kBlockK, row0, k_span.len, p.causal != 0,
-                         causal_offset, lane);
+                         causal_offset, skip, lane);
       online_softmax_step<T::kKTiles>(sc, st, rescale, kLog2PScale);
     }
   };
@@ -228,37 +285,38 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   // Ping-pong (FlashAttention-3 §3.1): the consumers take turns issuing their matrix products
   // (named barriers 1 and 2), so one's softmax runs while the other's products occupy the
   // tensor cores. Consumer 1 hands consumer 0 the first turn; consumer 0 takes back the extra
-  // arrival after its loop, so both barriers end balanced.
+  // arrival after its loop, so both barriers end balanced (both see the same entries).
   const int my_turn = 1 + consumer, their_turn = 2 - consumer;
   if (consumer == 1) named_barrier_arrive(their_turn, 256);
-  if (n_steps > 0) {
+  u32 entry = next_entry(0);
+  if (entry != kEndOfSteps) {
     mbar_wait(q_full, 0);
     int acc[T::kKTiles][4];
     float sc[T::kKTiles][4];
     u32 pa[T::kKTiles / 4][4];
     float blk[T::kOTiles][4];  // "fp32+fp32": one step's P V
     float rescale[2], k_scale[2];
-    step_scales(0, k_scale);
+    step_scales(entry, k_scale);
     named_barrier_sync(my_turn, 256);
     issue_qk(0, acc);
     named_barrier_arrive(their_turn, 256);
     wgmma_wait<0>();
     fence_registers(acc);
-    softmax(0, acc, k_scale, sc, rescale);
+    softmax(entry, acc, k_scale, sc, rescale);
     pack_p_e4m3<T>(pa, sc);
-    // Intra-warpgroup overlap: one turn issues S(t+1) = Q K(t+1)^T and then P(t) V(t); the
-    // softmax of step t+1 runs while P(t) V(t) is still in the tensor cores. P(t+1) is packed
-    // only after P(t) V(t) retires (its registers are that product's A operand). The last step
-    // is peeled off so the loop body has no conditional product (ptxas then keeps the wgmma
+    // Intra-warpgroup overlap: one turn issues S(i+1) = Q K(i+1)^T and then P(i) V(i); the
+    // softmax of entry i+1 runs while P(i) V(i) is still in the tensor cores. P(i+1) is packed
+    // only after P(i) V(i) retires (its registers are that product's A operand). The last entry
+    // is peeled off so no product in the loop is conditional (ptxas then keeps the wgmma
     // pipeline asynchronous).
-    const auto pv_step = [&](int t) {  // issue P(t) V(t) (the caller holds the turn)
+    const auto pv_step = [&](int i, const u32 (&pa)[T::kKTiles / 4][4]) {  // the caller holds the turn
       if constexpr (kAccum == PvAccum::kBlockFp32) {
-        issue_pv(t, pa, blk, true);
+        issue_pv(i, pa, blk, true);
       } else {
-        issue_pv(t, pa, o, false);
+        issue_pv(i, pa, o, false);
       }
     };
-    const auto finish_pv = [&](int t) {  // after P(t) V(t) retired: fold it into O, free the stage
+    const auto finish_pv = [&](int i) {  // after P(i) V(i) retired: fold it into O, free the stage
       if constexpr (kAccum == PvAccum::kBlockFp32) {
         fence_registers(blk);
         rescale_rows<T::kOTiles>(o, rescale);
@@ -266,7 +324,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
       } else {
         fence_registers(o);
       }
-      if (lane == 0) mbar_arrive(kv_free(t % T::kStages));  // this warp is done reading the stage
+      if (lane == 0) mbar_arrive(kv_free(i % T::kStages));  // this warp is done reading the stage
     };
     const auto direct_rescale = [&]() {  // "fp32": O is the PV accumulator; rescale it first
       if constexpr (kAccum == PvAccum::kDirect) {
@@ -274,28 +332,31 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
         fence_registers(o);
       }
     };
-    for (int t = 0; t + 1 < n_steps; ++t) {
-      step_scales(t + 1, k_scale);
+    int i = 0;
+    for (;; ++i) {
+      entry = next_entry(i + 1);
+      if (entry == kEndOfSteps) break;
+      step_scales(entry, k_scale);
       direct_rescale();
       named_barrier_sync(my_turn, 256);
-      issue_qk(t + 1, acc);
-      pv_step(t);
+      issue_qk(i + 1, acc);
+      pv_step(i, pa);
       named_barrier_arrive(their_turn, 256);
       float rescale_next[2];
-      wgmma_wait<1>();  // S(t+1) is done; P(t) V(t) may still run (groups retire in order)
+      wgmma_wait<1>();  // S(i+1) is done; P(i) V(i) may still run (groups retire in order)
       fence_registers(acc);
-      softmax(t + 1, acc, k_scale, sc, rescale_next);
+      softmax(entry, acc, k_scale, sc, rescale_next);
       wgmma_wait<0>();
-      finish_pv(t);
+      finish_pv(i);
       pack_p_e4m3<T>(pa, sc);
       rescale[0] = rescale_next[0], rescale[1] = rescale_next[1];
     }
     direct_rescale();
     named_barrier_sync(my_turn, 256);
-    pv_step(n_steps - 1);
+    pv_step(i, pa);
     named_barrier_arrive(their_turn, 256);
     wgmma_wait<0>();
-    finish_pv(n_steps - 1);
+    finish_pv(i);
   }
   if (consumer == 0) named_barrier_sync(my_turn, 256);
 

@@ -339,14 +339,12 @@ def sm90_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
                  kernel_only: bool = False):
     """Run the sm90 kernels (INT8 QK^T and FP8 E4M3 PV with wgmma; the sm89 quantizer) on
     validated tensors; returns (out, lse or None) as sm89_forward does."""
-    if block_mask is not None:  # _impl routes block-sparse calls elsewhere (SPARSE_PATH)
-        raise ValueError("block-sparse attention is not implemented on the sm90 path yet")
     return _int8_forward(
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
         names=sm90_kernel_names(q.shape[-1], pv_accum_dtype),
-        fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)), varlen=varlen,
-        kernel_only=kernel_only, tensor_maps=True)
+        fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)), block_mask=block_mask,
+        varlen=varlen, kernel_only=kernel_only, tensor_maps=True)
 
 
 dispatch.RUNNERS["sm80"] = sm80_forward
@@ -356,22 +354,10 @@ dispatch.RUNNERS["sm90"] = sm90_forward
 
 # ---- the op ----------------------------------------------------------------------------
 
-# Paths whose kernels do not walk block masks yet -> the path a block-sparse call takes instead
-# when the table (not the caller) picked the path (README: "Block-sparse").
-SPARSE_PATH = {"sm90": "sm80"}
-
-
 def _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
           qk_quant_gran, pv_accum_dtype, smooth_k, smooth_v=None, **geometry):
     index = q.device.index or 0   # CUDA tensors always carry their index
     choice = dispatch.resolve(index, path or None, entry or None)
-    if geometry.get("block_mask") is not None and choice.path in SPARSE_PATH:
-        if choice.requested != "auto":
-            raise ValueError(f"block-sparse attention is not implemented on the {choice.path} "
-                             f"path yet; leave path unset (sparse calls take "
-                             f"{SPARSE_PATH[choice.path]!r} there) or pass "
-                             f"path={SPARSE_PATH[choice.path]!r}")
-        choice = dispatch.resolve(index, SPARSE_PATH[choice.path], None)
     cfg = choice.defaults
     out, lse = dispatch.RUNNERS[choice.path](
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,

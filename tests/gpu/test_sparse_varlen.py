@@ -12,10 +12,9 @@ import sageattn
 
 pytestmark = pytest.mark.gpu
 
-PATHS = ("sm80", "sm89")
-# varlen runs on every INT8 tree; sm90 (Hopper only) where the device is 9.0
-VARLEN_PATHS = PATHS + (("sm90",) if torch.cuda.is_available() and
-                        torch.cuda.get_device_capability() == (9, 0) else ())
+# Every INT8 tree; sm90 (Hopper only) where the device is 9.0.
+PATHS = ("sm80", "sm89") + (("sm90",) if torch.cuda.is_available() and
+                            torch.cuda.get_device_capability() == (9, 0) else ())
 
 
 def _rel_l1(o, r):
@@ -37,7 +36,7 @@ def _masked_reference(q, k, v, keep, causal):
     return (torch.softmax(s, -1).nan_to_num(0.0) @ v.double()).to(q.dtype)
 
 
-BOUND = {"sm80": 0.02, "sm89": 0.05}
+BOUND = {"sm80": 0.02, "sm89": 0.05, "sm90": 0.05}
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -92,17 +91,6 @@ def test_sparse_rows_longer_than_one_mask_window(path, causal):
     assert torch.equal(sageattn.sparse_sageattn(q, k, v, mask_id=ones, is_causal=causal, path=path), dense)
 
 
-def test_sparse_on_hopper_takes_sm80_unless_sm90_is_forced():
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("Hopper routing")
-    q, k, v = (torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    keep = torch.rand(1, 2, 3, 5, device="cuda") > 0.4
-    auto = sageattn.sparse_sageattn(q, k, v, mask_id=keep)
-    assert torch.equal(auto, sageattn.sparse_sageattn(q, k, v, mask_id=keep, path="sm80"))
-    with pytest.raises(ValueError, match="not implemented on the sm90 path"):
-        sageattn.sparse_sageattn(q, k, v, mask_id=keep, path="sm90")
-
-
 def test_sparse_mask_errors():
     q = torch.randn(1, 2, 200, 64, device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match="mask_id has shape"):
@@ -151,7 +139,7 @@ def _packed(lengths, H, D, dtype, seed):
     return x, cu
 
 
-@pytest.mark.parametrize("path", VARLEN_PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_equals_per_sequence_calls(path, causal):
     rng = torch.Generator().manual_seed(7 + causal)
