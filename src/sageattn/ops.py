@@ -354,10 +354,19 @@ dispatch.RUNNERS["sm90"] = sm90_forward
 
 # ---- the op ----------------------------------------------------------------------------
 
+# Block-sparse calls whose path the table picked: the tree that skips blocks best there. The
+# sm90 kernel steps over 128 keys, so a kept 64-key block takes its partner along; on the H100
+# at S=16k, 90% of 64-key blocks skipped: sm80 1.09 ms, sm90 1.53 ms (BENCHMARKS.md).
+SPARSE_PREFERRED = {"sm90": "sm80"}
+
+
 def _impl(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, path, entry,
           qk_quant_gran, pv_accum_dtype, smooth_k, smooth_v=None, **geometry):
     index = q.device.index or 0   # CUDA tensors always carry their index
     choice = dispatch.resolve(index, path or None, entry or None)
+    if (geometry.get("block_mask") is not None and choice.requested == "auto"
+            and choice.path in SPARSE_PREFERRED):
+        choice = dispatch.resolve(index, SPARSE_PREFERRED[choice.path], None)
     cfg = choice.defaults
     out, lse = dispatch.RUNNERS[choice.path](
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
