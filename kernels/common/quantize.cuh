@@ -39,45 +39,74 @@ __device__ __forceinline__ const u16* rows_of(unsigned long long base, long long
   return cu_seqlens == 0 ? p + b * stride_b : p + span.first * stride_s;
 }
 
+/// @brief 8 consecutive 16-bit elements d0..d0+7 of a row as raw bits (x in bits 0..15 of .x);
+/// zero past `dim`. `vec` promises 16-byte alignment and dim % 8 == 0. Split from the
+/// conversion so callers can issue every load of a job before using any (bytes in flight).
+__device__ __forceinline__ uint4 load_row_bits8(const u16* row, int d0, int dim, bool vec) {
+  if (vec) return d0 < dim ? *reinterpret_cast<const uint4*>(row + d0) : make_uint4(0u, 0u, 0u, 0u);
+  u32 w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const u32 lo = d0 + 2 * i < dim ? row[d0 + 2 * i] : 0u;
+    const u32 hi = d0 + 2 * i + 1 < dim ? row[d0 + 2 * i + 1] : 0u;
+    w[i] = lo | (hi << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/// @brief 8 packed 16-bit values (fp16 or bf16, exact) -> fp32; zero bits give +0.
+__device__ __forceinline__ void bits8_to_float(const uint4& raw, bool is_bf16, float (&x)[8]) {
+  const u32 w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = bits16_to_float(static_cast<u16>(w[i] & 0xffffu), is_bf16);
+    x[2 * i + 1] = bits16_to_float(static_cast<u16>(w[i] >> 16), is_bf16);
+  }
+}
+
 /// @brief 8 consecutive elements d0..d0+7 of a 16-bit row as fp32; zero past `dim`.
-/// `vec` promises 16-byte alignment and dim % 8 == 0.
 __device__ __forceinline__ void load_row_chunk8(const u16* row, int d0, int dim, bool vec,
                                                 bool is_bf16, float (&x)[8]) {
-  if (vec && d0 < dim) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(row + d0);
-    const u32 w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      x[2 * i] = bits16_to_float(static_cast<u16>(w[i] & 0xffffu), is_bf16);
-      x[2 * i + 1] = bits16_to_float(static_cast<u16>(w[i] >> 16), is_bf16);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) x[i] = d0 + i < dim ? bits16_to_float(row[d0 + i], is_bf16) : 0.f;
-  }
+  bits8_to_float(load_row_bits8(row, d0, dim, vec), is_bf16, x);
 }
 
 /// @brief Per-channel mean / min / max over tokens (fp32, (B, H, D_pad) each; null outputs
 /// skipped). Grid (D_pad/64, H, B), 256 threads: 8 lanes cover 64 channels, 32 row lanes stride
 /// the tokens; fixed-order reduction, so the result is deterministic.
+///
+/// Each row lane sums its rows (row_lane, row_lane + 32, ...) in that order; the loop fetches
+/// kStatsBatch of them before adding any, so a thread keeps 128 bytes in flight instead of one
+/// 16-byte load per add (the adds, and so the bits of the mean, are unchanged).
+constexpr int kStatsBatch = 8;
+
 __device__ __forceinline__ void channel_stats(const ChannelStatsParams& p) {
   __shared__ float partial[3][32][65];
   const int chunk = threadIdx.x % 8, row_lane = threadIdx.x / 8;
   const int d0 = blockIdx.x * 64 + chunk * 8;
   const int h = blockIdx.y, b = blockIdx.z;
-  const bool is_bf16 = p.in_dtype == kDtypeBf16;
+  const bool is_bf16 = p.in_dtype == kDtypeBf16, vec = p.vectorized != 0;
   const SeqSpan span = seq_span(p.cu_seqlens, b, p.seq);
   const u16* base = rows_of(p.src, p.src_stride_b, p.src_stride_h, p.src_stride_s, p.cu_seqlens, b, h, span);
   const float inf = __int_as_float(0x7f800000);
   float sum[8], lo[8], hi[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) sum[i] = 0.f, lo[i] = inf, hi[i] = -inf;
-#pragma unroll 4
-  for (int s = row_lane; s < span.len; s += 32) {
-    float x[8];
-    load_row_chunk8(base + s * p.src_stride_s, d0, p.head_dim, p.vectorized != 0, is_bf16, x);
+  for (int s0 = row_lane; s0 < span.len; s0 += 32 * kStatsBatch) {
+    uint4 raw[kStatsBatch];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) sum[i] += x[i], lo[i] = fminf(lo[i], x[i]), hi[i] = fmaxf(hi[i], x[i]);
+    for (int r = 0; r < kStatsBatch; ++r) {
+      const int s = s0 + 32 * r;
+      raw[r] = s < span.len ? load_row_bits8(base + s * p.src_stride_s, d0, p.head_dim, vec)
+                            : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int r = 0; r < kStatsBatch; ++r) {
+      if (s0 + 32 * r >= span.len) break;
+      float x[8];
+      bits8_to_float(raw[r], is_bf16, x);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sum[i] += x[i], lo[i] = fminf(lo[i], x[i]), hi[i] = fmaxf(hi[i], x[i]);
+    }
   }
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -154,6 +183,18 @@ struct JobLanes {
   }
 };
 
+/// @brief Raw bits of this lane's chunk of each pass's row (zero for rows past `len`), all
+/// loads issued before any is used: kPasses x 16 bytes in flight per thread.
+template <class G>
+__device__ __forceinline__ void load_job_rows(const u16* src, long long stride_s, int first_row,
+                                              int len, int d0, int dim, bool vec, uint4 (&raw)[G::kPasses]) {
+#pragma unroll
+  for (int i = 0; i < G::kPasses; ++i) {
+    const int s = first_row + i * G::kRowsPerPass;
+    raw[i] = s < len ? load_row_bits8(src + s * stride_s, d0, dim, vec) : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
 /// @brief Q job: 128 rows (8 warps x 16) of one (b, h, q_block).
 template <int kHeadDim>
 __device__ __forceinline__ void quantize_q_block(const QuantParams& p, int job) {
@@ -166,19 +207,18 @@ __device__ __forceinline__ void quantize_q_block(const QuantParams& p, int job) 
   const SeqSpan span = seq_span(p.cu_seqlens_q, b, p.seq_q);
   const u16* src = rows_of(p.q, p.q_stride_b, p.q_stride_h, p.q_stride_s, p.cu_seqlens_q, b, h, span);
 
-  float x[G::kPasses][8], row_amax[G::kPasses];
+  uint4 raw[G::kPasses];
+  load_job_rows<G>(src, p.q_stride_s, qb * kQBlockRows + warp * 16 + row_in_pass, span.len, d0,
+                   p.head_dim, p.vec_q != 0, raw);
+  // Only the raw bits stay live (32 registers, not 64 floats); each use converts again (exact).
+  float row_amax[G::kPasses];
 #pragma unroll
   for (int i = 0; i < G::kPasses; ++i) {
-    const int s = qb * kQBlockRows + warp * 16 + i * G::kRowsPerPass + row_in_pass;
-    if (s < span.len) {
-      load_row_chunk8(src + s * p.q_stride_s, d0, p.head_dim, p.vec_q != 0, is_bf16, x[i]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) x[i][e] = 0.f;
-    }
+    float x[8];
+    bits8_to_float(raw[i], is_bf16, x);  // rows past the end: +0
     float m = 0.f;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(x[i][e]));
+    for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(x[e]));
     row_amax[i] = max_over_row_lanes<G::kLanesPerRow>(m);
   }
 
@@ -203,19 +243,24 @@ __device__ __forceinline__ void quantize_q_block(const QuantParams& p, int job) 
   for (int i = 0; i < G::kPasses; ++i) {
     const float amax = per_warp ? warp_amax : group_amax[i % (G::kPasses / 2)];
     const int r = i * G::kRowsPerPass + row_in_pass;  // row within the warp's 16
-    store_int8x8(dst + (block_row0 + warp * 16 + r) * kHeadDim + d0, x[i], inverse_int8_scale(amax));
+    float x[8];
+    bits8_to_float(raw[i], is_bf16, x);
+    store_int8x8(dst + (block_row0 + warp * 16 + r) * kHeadDim + d0, x, inverse_int8_scale(amax));
     if (chunk == 0 && r < 8) scales[warp * 8 + r] = (amax / 127.f) * p.sm_scale_log2e;
   }
 
   // LSE correction for K smoothing: the kernel's scores miss q . mean_k * sm_scale.
   if (p.lse_correction != 0 && p.k_mean != 0) {
-    const float* mean = reinterpret_cast<const float*>(p.k_mean) +
-                        (static_cast<i64>(b) * p.heads_kv + hkv) * p.head_dim_padded + d0;
+    const float4* m = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(p.k_mean) +
+                                                      (static_cast<i64>(b) * p.heads_kv + hkv) * p.head_dim_padded + d0);
+    const float4 m0 = m[0], m1 = m[1];  // once: the lse stores below may alias for the compiler
+    const float mean[8] = {m0.x, m0.y, m0.z, m0.w, m1.x, m1.y, m1.z, m1.w};
 #pragma unroll
     for (int i = 0; i < G::kPasses; ++i) {
-      float dot = 0.f;
+      float x[8], dot = 0.f;
+      bits8_to_float(raw[i], is_bf16, x);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) dot += x[i][e] * mean[e];
+      for (int e = 0; e < 8; ++e) dot += x[e] * mean[e];
       dot = sum_over_row_lanes<G::kLanesPerRow>(dot);
       const int s = qb * kQBlockRows + warp * 16 + i * G::kRowsPerPass + row_in_pass;
       if (chunk == 0 && s < span.len)  // internal layout (B, Hq, seq_q max)
@@ -225,23 +270,38 @@ __device__ __forceinline__ void quantize_q_block(const QuantParams& p, int job) 
   }
 }
 
+/// @brief a[i] by selects: a run-time index into a register array would send it to local memory.
+__device__ __forceinline__ float pick4(const float (&a)[4], int i) {
+  return i == 0 ? a[0] : i == 1 ? a[1] : i == 2 ? a[2] : a[3];
+}
+
 /// @brief K job: 64 keys (8 warps x 8) of one (b, hkv, k_block), mean-subtracted.
+///
+/// Scale groups: key k belongs to group (k % 8) / 2 (the columns lane % 4 owns). Warp w holds
+/// keys 8w..8w+7, i.e. keys 2g and 2g+1 of every group g: the warp folds its pair per group with
+/// one shuffle, and the block's 8 x 4 partial maxima meet in shared memory (max is exact and
+/// order-free, so this gives the same bits as a max over the 64 key maxima).
 template <int kHeadDim>
 __device__ __forceinline__ void quantize_k_block(const QuantParams& p, int job) {
   using G = WarpRows<kHeadDim, 8>;
-  __shared__ float key_amax[kKBlockRows];
+  constexpr int kGroups = 4;
+  __shared__ __align__(16) float warp_group_amax[kQuantThreads / 32][kGroups];
   const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv);
   const int warp = j.warp, kb = j.blk, bh = j.bh, h = j.h, b = j.b, chunk = j.chunk,
             row_in_pass = j.row_in_pass, d0 = j.d0;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
   const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
   const u16* src = rows_of(p.k, p.k_stride_b, p.k_stride_h, p.k_stride_s, p.cu_seqlens_k, b, h, span);
+  uint4 raw[G::kPasses];
+  load_job_rows<G>(src, p.k_stride_s, kb * kKBlockRows + warp * 8 + row_in_pass, span.len, d0,
+                   p.head_dim, p.vec_k != 0, raw);
   float mean[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   if (p.k_mean != 0) {
-    const float* m = reinterpret_cast<const float*>(p.k_mean) +
-                     static_cast<i64>(bh) * p.head_dim_padded + d0;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) mean[e] = m[e];
+    const float4* m = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(p.k_mean) +
+                                                      static_cast<i64>(bh) * p.head_dim_padded + d0);
+    const float4 m0 = m[0], m1 = m[1];
+    mean[0] = m0.x, mean[1] = m0.y, mean[2] = m0.z, mean[3] = m0.w;
+    mean[4] = m1.x, mean[5] = m1.y, mean[6] = m1.z, mean[7] = m1.w;
   }
 
   float x[G::kPasses][8];
@@ -249,42 +309,41 @@ __device__ __forceinline__ void quantize_k_block(const QuantParams& p, int job) 
   for (int i = 0; i < G::kPasses; ++i) {
     const int key = warp * 8 + i * G::kRowsPerPass + row_in_pass;
     const int s = kb * kKBlockRows + key;
+    bits8_to_float(raw[i], is_bf16, x[i]);
     if (s < span.len) {
-      load_row_chunk8(src + s * p.k_stride_s, d0, p.head_dim, p.vec_k != 0, is_bf16, x[i]);
 #pragma unroll
       for (int e = 0; e < 8; ++e) x[i][e] -= mean[e];  // padded columns: 0 - 0
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) x[i][e] = 0.f;
-    }
+    }  // padded keys stay +0 (not -mean)
     float m = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(x[i][e]));
     m = max_over_row_lanes<G::kLanesPerRow>(m);
-    if (chunk == 0) key_amax[key] = m;
+    // Keys 2g and 2g+1 sit in lanes kLanesPerRow apart (row_in_pass differs in bit 0).
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, G::kLanesPerRow));
+    if (chunk == 0 && row_in_pass % 2 == 0) warp_group_amax[warp][(key % 8) / 2] = m;
   }
   __syncthreads();
 
-  // Per-thread: keys with equal (key % 8) / 2 share a scale (the columns lane%4 owns);
-  // per-warp: the whole block shares one.
+  float group_amax[kGroups] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int w = 0; w < kQuantThreads / 32; ++w) {
+    const float4 g = *reinterpret_cast<const float4*>(warp_group_amax[w]);
+    group_amax[0] = fmaxf(group_amax[0], g.x), group_amax[1] = fmaxf(group_amax[1], g.y);
+    group_amax[2] = fmaxf(group_amax[2], g.z), group_amax[3] = fmaxf(group_amax[3], g.w);
+  }
+  const float block_amax = fmaxf(fmaxf(group_amax[0], group_amax[1]), fmaxf(group_amax[2], group_amax[3]));
   const bool per_warp = p.granularity == kGranPerWarp;
   const i64 block_row0 = (static_cast<i64>(bh) * p.k_blocks + kb) * kKBlockRows;
   signed char* dst = reinterpret_cast<signed char*>(p.k_int8);
 #pragma unroll
   for (int i = 0; i < G::kPasses; ++i) {
     const int key = warp * 8 + i * G::kRowsPerPass + row_in_pass;
-    float amax = 0.f;
-    for (int k = 0; k < kKBlockRows; ++k)
-      if (per_warp || ((k % 8) / 2 == (key % 8) / 2)) amax = fmaxf(amax, key_amax[k]);
+    const float amax = per_warp ? block_amax : pick4(group_amax, (key % 8) / 2);
     store_int8x8(dst + (block_row0 + key) * kHeadDim + d0, x[i], inverse_int8_scale(amax));
   }
-  if (threadIdx.x < 4) {
-    float amax = 0.f;
-    for (int k = 0; k < kKBlockRows; ++k)
-      if (per_warp || (k % 8) / 2 == static_cast<int>(threadIdx.x)) amax = fmaxf(amax, key_amax[k]);
-    reinterpret_cast<float*>(p.k_scale)[(static_cast<i64>(bh) * p.k_blocks + kb) * 4 + threadIdx.x] =
-        amax / 127.f;
-  }
+  if (threadIdx.x < kGroups)
+    reinterpret_cast<float*>(p.k_scale)[(static_cast<i64>(bh) * p.k_blocks + kb) * kGroups + threadIdx.x] =
+        (per_warp ? block_amax : pick4(group_amax, threadIdx.x)) / 127.f;
 }
 
 /// @brief V job: 64 rows of one (b, hkv, k_block) to fp16, zero-padded.
@@ -292,18 +351,19 @@ template <int kHeadDim>
 __device__ __forceinline__ void convert_v_block(const QuantParams& p, int job) {
   using G = WarpRows<kHeadDim, 8>;
   const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv);
-  const int warp = j.warp, kb = j.blk, bh = j.bh, h = j.h, b = j.b, chunk = j.chunk,
-            row_in_pass = j.row_in_pass, d0 = j.d0;
+  const int warp = j.warp, kb = j.blk, bh = j.bh, h = j.h, b = j.b, row_in_pass = j.row_in_pass, d0 = j.d0;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
   const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
   const u16* src = rows_of(p.v, p.v_stride_b, p.v_stride_h, p.v_stride_s, p.cu_seqlens_k, b, h, span);
   const i64 block_row0 = (static_cast<i64>(bh) * p.k_blocks + kb) * kKBlockRows;
+  uint4 raw[G::kPasses];
+  load_job_rows<G>(src, p.v_stride_s, kb * kKBlockRows + warp * 8 + row_in_pass, span.len, d0,
+                   p.head_dim, p.vec_v != 0, raw);
 #pragma unroll
   for (int i = 0; i < G::kPasses; ++i) {
     const int key = warp * 8 + i * G::kRowsPerPass + row_in_pass;
-    const int s = kb * kKBlockRows + key;
-    float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (s < span.len) load_row_chunk8(src + s * p.v_stride_s, d0, p.head_dim, p.vec_v != 0, is_bf16, x);
+    float x[8];
+    bits8_to_float(raw[i], is_bf16, x);
     const uint4 out = make_uint4(pack_half2(x[0], x[1]), pack_half2(x[2], x[3]),
                                  pack_half2(x[4], x[5]), pack_half2(x[6], x[7]));
     *reinterpret_cast<uint4*>(reinterpret_cast<u16*>(p.v_fp16) + (block_row0 + key) * kHeadDim + d0) = out;
@@ -326,49 +386,68 @@ __device__ __forceinline__ float channel_amax(float lo, float hi, float mean) {
 
 /// @brief V job (FP8): 64 keys of one (b, hkv, k_block) -> E4M3 V^T tile [D_pad][64 slots],
 /// per-channel scale amax/v_scale_max, mean removed when smoothing. Block 0 writes the scales.
+///
+/// No shared-memory transpose: a 16-byte run of a tile row (slots 16q..16q+15 of channel d)
+/// holds exactly keys 16q..16q+15 (fp8_pv_key_slot permutes within such a run), so a thread
+/// that loads kChannels channels x those 16 keys builds its tile runs in registers. Lane l takes
+/// run q = l % 4 and channel group warp * 8 + l / 4: the 4 lanes of a group write one whole
+/// 64-byte tile row, and each load of a key reads one full 32-byte sector per run.
 template <int kHeadDim>
 __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, int job) {
-  using G = WarpRows<kHeadDim, 8>;
-  __shared__ __align__(16) unsigned char tile[kHeadDim * kKBlockRows];
-  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv);
-  const int warp = j.warp, kb = j.blk, bh = j.bh, h = j.h, b = j.b, chunk = j.chunk,
-            row_in_pass = j.row_in_pass, d0 = j.d0;
+  constexpr int kChannels = kHeadDim / 64;  // channels per thread: 8 warps x 8 groups x kChannels
+  constexpr int kRunKeys = 16;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int run = lane % 4, d_first = (warp * 8 + lane / 4) * kChannels;
+  const int kb = job % p.k_blocks, bh = job / p.k_blocks, h = bh % p.heads_kv, b = bh / p.heads_kv;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
   const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
   const u16* src = rows_of(p.v, p.v_stride_b, p.v_stride_h, p.v_stride_s, p.cu_seqlens_k, b, h, span);
+  const int first_key = kb * kKBlockRows + run * kRunKeys;
+
+  // bits[k]: channels d_first.. of key first_key + k, packed like the source (zero past the end).
+  u32 bits[kRunKeys];
+  const bool pair_load = kChannels == 2 && p.vec_v != 0;  // 4-byte aligned channel pair
+#pragma unroll
+  for (int k = 0; k < kRunKeys; ++k) {
+    const int s = first_key + k;
+    const u16* row = src + s * p.v_stride_s + d_first;
+    u32 w = 0u;
+    if (s < span.len) {
+      if (pair_load) {  // dim % 8 == 0 here: both channels real or both padding
+        if (d_first < p.head_dim) w = *reinterpret_cast<const u32*>(row);
+      } else {
+#pragma unroll
+        for (int c = 0; c < kChannels; ++c)
+          if (d_first + c < p.head_dim) w |= static_cast<u32>(row[c]) << (16 * c);
+      }
+    }
+    bits[k] = w;
+  }
+
   const i64 stats = static_cast<i64>(bh) * p.head_dim_padded;
   const float* vmin = reinterpret_cast<const float*>(p.v_min) + stats;
   const float* vmax = reinterpret_cast<const float*>(p.v_max) + stats;
   const float* vmean = p.v_mean != 0 ? reinterpret_cast<const float*>(p.v_mean) + stats : nullptr;
-
-  float mean[8], inv[8];
+  unsigned char* tile = reinterpret_cast<unsigned char*>(p.v_fp8) +
+                        (static_cast<i64>(bh) * p.k_blocks + kb) * kHeadDim * kKBlockRows;
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    mean[e] = vmean != nullptr ? vmean[d0 + e] : 0.f;
-    const float amax = channel_amax(vmin[d0 + e], vmax[d0 + e], mean[e]);
-    inv[e] = amax > 0.f ? p.v_scale_max / amax : 0.f;
-  }
+  for (int c = 0; c < kChannels; ++c) {
+    const int d = d_first + c;
+    const float mean = vmean != nullptr ? vmean[d] : 0.f;
+    const float amax = channel_amax(vmin[d], vmax[d], mean);
+    const float inv = amax > 0.f ? p.v_scale_max / amax : 0.f;
+    float y[kRunKeys];
 #pragma unroll
-  for (int i = 0; i < G::kPasses; ++i) {
-    const int key = warp * 8 + i * G::kRowsPerPass + row_in_pass;
-    const int s = kb * kKBlockRows + key;
-    float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (s < span.len) {
-      load_row_chunk8(src + s * p.v_stride_s, d0, p.head_dim, p.vec_v != 0, is_bf16, x);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) x[e] = (x[e] - mean[e]) * inv[e];
+    for (int k = 0; k < kRunKeys; ++k) {
+      const float x = bits16_to_float(static_cast<u16>(bits[k] >> (16 * c)), is_bf16);
+      y[k] = first_key + k < span.len ? (x - mean) * inv : 0.f;  // padded keys: +0
     }
-    const u32 lo = pack_e4m3x4(x[0], x[1], x[2], x[3]), hi = pack_e4m3x4(x[4], x[5], x[6], x[7]);
-    const int slot = fp8_pv_key_slot(key);
+    // Slot 4c' + 2j + e of the run holds key 8j + 2c' + e (fp8_pv_key_slot).
+    u32 word[4];
 #pragma unroll
-    for (int e = 0; e < 8; ++e)
-      tile[(d0 + e) * kKBlockRows + slot] = static_cast<unsigned char>(((e < 4 ? lo : hi) >> (8 * (e % 4))) & 0xffu);
+    for (int cq = 0; cq < 4; ++cq) word[cq] = pack_e4m3x4(y[2 * cq], y[2 * cq + 1], y[8 + 2 * cq], y[9 + 2 * cq]);
+    *reinterpret_cast<uint4*>(tile + d * kKBlockRows + run * kRunKeys) = make_uint4(word[0], word[1], word[2], word[3]);
   }
-  __syncthreads();
-  uint4* dst = reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(p.v_fp8) +
-                                        (static_cast<i64>(bh) * p.k_blocks + kb) * kHeadDim * kKBlockRows);
-  for (int c = threadIdx.x; c < kHeadDim * kKBlockRows / 16; c += kQuantThreads)
-    dst[c] = reinterpret_cast<const uint4*>(tile)[c];
   if (kb == 0 && static_cast<int>(threadIdx.x) < kHeadDim) {
     const int d = threadIdx.x;
     const float amax = channel_amax(vmin[d], vmax[d], vmean != nullptr ? vmean[d] : 0.f);

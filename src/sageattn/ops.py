@@ -32,7 +32,8 @@ import torch
 from . import _abi, _loader, dispatch
 
 __all__ = ["attention", "sm80_forward", "sm89_forward", "sm90_forward", "kernel_names",
-           "sm80_kernel_names", "sm89_kernel_names", "sm90_kernel_names", "attention_kernel_only", "ALWAYS_USE_OP", "POISON"]
+           "sm80_kernel_names", "sm89_kernel_names", "sm90_kernel_names", "attention_kernel_only", "quantized_operands", "ALWAYS_USE_OP",
+           "POISON"]
 
 ALWAYS_USE_OP = False
 # Debug aid: fill every buffer the kernels should write (temporaries, out, lse) with NaN
@@ -142,7 +143,7 @@ def _channel_stats(kernel, ordinal, stream, x, geometry, strides, head_dim, d_pa
 
 def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
                   qk_quant_gran, smooth_k, tree, names, fp8_pv, block_mask=None, varlen=None,
-                  kernel_only=False, tensor_maps=False):
+                  kernel_only=False, tensor_maps=False, quantize_only=False):
     """The launch sequence of the INT8-QK trees (sm80: fp16 V; sm89 and sm90: ``fp8_pv`` =
     (v_scale_max, smooth_v), E4M3 V^T tiles with per-channel scales). ``tensor_maps``: the
     attention kernel takes ``Sm90AttnParams`` (tensor maps over the quantized operands).
@@ -151,7 +152,9 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
     ``varlen``: (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for packed
     (total, H, D) inputs; the output is packed the same way and the LSE is (Hq, total_q).
     ``kernel_only``: quantize now and return a function that launches only the attention
-    kernel (bench/: the kernel's time without the quantization passes)."""
+    kernel (bench/: the kernel's time without the quantization passes).
+    ``quantize_only``: launch only the channel-stats and quantize kernels and return their
+    buffers by name (``quantized_operands``)."""
     if varlen is None:
         qh, kh, vh = (_hnd(x, tensor_layout) for x in (q, k, v))
         B, Hq, Sq, D = qh.shape
@@ -228,6 +231,10 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k))
         _launch(quant_kernel, ordinal, (B * Hq * q_blocks + 2 * B * Hkv * k_blocks, 1, 1), p,
                 stream)
+        if quantize_only:
+            return dict(q_int8=q_i8, q_scale=q_scale, k_int8=k_i8, k_scale=k_scale,
+                        k_mean=k_mean, lse_correction=lse_corr, v_fp16=v16, v_fp8=v8,
+                        v_scale=v_scale, v_mean=v_mean, v_min=v_min, v_max=v_max)
 
         mask_strides = block_mask.stride() if block_mask is not None else (0, 0, 0, 0)
         p = _abi.AttnParams(
@@ -394,6 +401,35 @@ def attention_kernel_only(q, k, v, *, path: str, tensor_layout: str = "HND",
         pv_accum_dtype=pv_accum_dtype or cfg.get("pv_accum_dtype"),
         smooth_k=cfg.get("smooth_k", True),
         smooth_v=cfg.get("smooth_v", False), tree=choice.tree, kernel_only=True)
+
+
+_QUANT_PATHS = {"sm80": (sm80_kernel_names, "fp32"), "sm89": (sm89_kernel_names, "fp32+fp32"),
+                "sm90": (sm90_kernel_names, "fp32+fp32")}
+
+
+def quantized_operands(q, k, v, *, path: str, tensor_layout: str = "HND",
+                       sm_scale: Optional[float] = None, qk_quant_gran: str = "per_thread",
+                       pv_accum_dtype: Optional[str] = None, smooth_k: bool = True,
+                       smooth_v: bool = False, return_lse: bool = False, varlen=None) -> dict:
+    """Test and benchmark aid: run only the quantization launches of ``path`` ("sm80",
+    "sm89" or "sm90": channel stats, then the fused quantize kernel) on the current stream and
+    return the buffers the attention kernel would read, by name (None where the path has
+    none). Inputs are taken as valid; ``varlen`` as in ``_int8_forward``."""
+    try:
+        names_of, default_acc = _QUANT_PATHS[path]
+    except KeyError:
+        raise ValueError(f"path must be one of {', '.join(map(repr, _QUANT_PATHS))}; "
+                         f"got {path!r}") from None
+    acc = pv_accum_dtype or default_acc
+    if path == "sm80" and smooth_v:
+        raise ValueError("smooth_v=True is not offered on the sm80 path")
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    return _int8_forward(
+        q, k, v, tensor_layout=tensor_layout, is_causal=False, sm_scale=sm_scale,
+        return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=path,
+        names=names_of(q.shape[-1], acc),
+        fp8_pv=None if path == "sm80" else (_V_SCALE_MAX[acc], bool(smooth_v)),
+        varlen=varlen, quantize_only=True)
 
 
 def _flag(value: int) -> Optional[bool]:
