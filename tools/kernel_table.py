@@ -102,8 +102,8 @@ def _sm90_kernels():
                 f"sageattn::sm90::attention<{hd}, sageattn::PvAccum::{cxx}>(p)", threads=384,
                 min_blocks=1, q_rows=128,
                 # align slack + Q 128*hd + 4 stages of (K 128*hd + V^T 128*hd) + 13 mbarriers
-                # + a step entry per stage
-                smem=1024 + 128 * hd + 4 * 256 * hd + 104 + 16,
+                # + a step entry and 8 K scales per stage
+                smem=1024 + 128 * hd + 4 * 256 * hd + 104 + 16 + 128,
                 smem_expr=f"sageattn::sm90::Traits<{hd}>::kSmemBytes",
                 head_dim=hd, pv_accum=acc))
     return tuple(rows)

@@ -123,7 +123,8 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const auto k_full = [&](int s) { return bars + 8u * (1 + s); };
   const auto v_full = [&](int s) { return bars + 8u * (1 + T::kStages + s); };
   const auto kv_free = [&](int s) { return bars + 8u * (1 + 2 * T::kStages + s); };
-  const u32 step_info = bars + 8u * T::kBarriers;  // u32 per stage (kSkip* | step)
+  const u32 step_info = bars + 8u * T::kBarriers;          // u32 per stage (kSkip* | step)
+  const u32 scale_info = step_info + 4u * T::kStages;      // per stage: K scales [block 0..1][slot 0..3]
   const auto stage_k = [&](int s) { return smem_stages + static_cast<u32>(s) * T::kStageBytes; };
   const auto stage_v = [&](int s) { return stage_k(s) + T::kKBytes; };
 
@@ -171,6 +172,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
         if (i >= T::kStages) mbar_wait(kv_free(s), ((i / T::kStages) - 1) & 1);
         return s;
       };
+      const float* k_scale_head = reinterpret_cast<const float*>(p.k_scale) + static_cast<long long>(bhk) * p.k_blocks * 4;
       if (lane == 0) {
         prefetch_tensor_map(&params.tmap_k);
         prefetch_tensor_map(&params.tmap_v);
@@ -180,10 +182,18 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
         const int t = t0 + lane;
         const u32 lo = __ballot_sync(0xffffffffu, t < n_steps && (mask_row == nullptr || kept(2 * t)));
         const u32 hi = __ballot_sync(0xffffffffu, t < n_steps && (mask_row == nullptr || kept(2 * t + 1)));
-        if (lane == 0) {
-          for (u32 any = lo | hi; any != 0; any &= any - 1) {
-            const int bit = __ffs(any) - 1, step = t0 + bit;
-            const int s = claim_stage(i);
+        for (u32 any = lo | hi; any != 0; any &= any - 1) {  // warp-uniform
+          const int bit = __ffs(any) - 1, step = t0 + bit;
+          const int s = claim_stage(i);
+          // The step's K scales go beside its tiles: the consumers read them from shared memory
+          // right after the barrier instead of waiting on a global load.
+          if (lane < 8) {
+            const int kb = 2 * step + lane / 4;
+            st_shared_u32(scale_info + 32u * s + 4u * lane,
+                          __float_as_uint(kb < p.k_blocks ? k_scale_head[kb * 4 + lane % 4] : 0.f));
+          }
+          __syncwarp();  // lane 0's release (the arrivals below) then covers the other lanes' stores
+          if (lane == 0) {
             if (i == 0) {
               mbar_arrive_expect_tx(q_full, T::kQBytes);
               tma_load_3d(smem_q, &params.tmap_q, q_full, 0, q0, bhq);
@@ -196,10 +206,9 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
             tma_load_3d(stage_k(s), &params.tmap_k, k_full(s), 0, step * T::kBlockK, bhk);
             mbar_arrive_expect_tx(v_full(s), T::kVBytes);
             tma_load_4d(stage_v(s), &params.tmap_v, v_full(s), 0, 0, 2 * step, bhk);
-            ++i;
           }
+          ++i;
         }
-        __syncwarp();
       }
       if (lane == 0) {
         const int s = claim_stage(i);
@@ -216,7 +225,6 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const int row0 = q0 + 16 * slot_warp + lane / 4;
   const float q_scale = reinterpret_cast<const float*>(p.q_scale)[(static_cast<long long>(bhq) * p.q_blocks + cta) * 64 +
                                                                  slot_warp * 8 + lane / 4];
-  const float* k_scales = reinterpret_cast<const float*>(p.k_scale) + static_cast<long long>(bhk) * p.k_blocks * 4 + lane % 4;
   const u32 q_rows = smem_q + static_cast<u32>(consumer) * 64 * kHeadDim;
 
   float o[T::kOTiles][4];
@@ -260,12 +268,11 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     for (int c = 1; c < T::kKTiles / 4; ++c) wgmma_pv<kHeadDim, true>(d, pa[c], v_desc(c));
     wgmma_commit();
   };
-  // The K scales of a step's two 64-key blocks: loaded a step ahead (a global load's latency
-  // would otherwise stall the softmax).
-  const auto step_scales = [&](u32 entry, float (&scale)[2]) {
-    const int kb = 2 * static_cast<int>(entry & kStepMask);  // the step's first 64-key quantizer block
-    scale[0] = k_scales[kb * 4];
-    scale[1] = kb + 1 < p.k_blocks ? k_scales[(kb + 1) * 4] : 0.f;
+  // The K scales of entry i's two 64-key blocks (this thread's slot), staged by the producer.
+  const auto step_scales = [&](int i, float (&scale)[2]) {
+    const u32 at = scale_info + 32u * (i % T::kStages) + 4u * (lane % 4);
+    scale[0] = __uint_as_float(ld_shared_u32(at));
+    scale[1] = __uint_as_float(ld_shared_u32(at + 16u));
   };
   // Scores of a step -> probabilities (fp32, scaled by 448) in place, and the rows' rescale.
   const auto softmax = [&](u32 entry, const int (&acc)[T::kKTiles][4], const float (&k_scale)[2],
@@ -296,7 +303,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     u32 pa[T::kKTiles / 4][4];
     float blk[T::kOTiles][4];  // "fp32+fp32": one step's P V
     float rescale[2], k_scale[2];
-    step_scales(entry, k_scale);
+    step_scales(0, k_scale);
     named_barrier_sync(my_turn, 256);
     issue_qk(0, acc);
     named_barrier_arrive(their_turn, 256);
@@ -336,7 +343,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     for (;; ++i) {
       entry = next_entry(i + 1);
       if (entry == kEndOfSteps) break;
-      step_scales(entry, k_scale);
+      step_scales(i + 1, k_scale);
       direct_rescale();
       named_barrier_sync(my_turn, 256);
       issue_qk(i + 1, acc);
