@@ -95,12 +95,14 @@ def _sm90_kernels():
             f"sageattn::quantize_qk_int8_v_fp8<{hd}>(p)", threads=256, head_dim=hd))
     # "fp32+fp32": each 128-key step's PV from zero in the wgmma accumulator, added to O
     # (two-level); "fp32": the wgmma accumulates into O directly.
-    for acc_tag, acc, cxx in (("acc32", "fp32", "kDirect"), ("acc32x32", "fp32+fp32", "kBlockFp32")):
+    for acc_tag, acc, cxx, sparse in (("acc32", "fp32", "kDirect", False),
+                                      ("acc32x32", "fp32+fp32", "kBlockFp32", False),
+                                      ("acc32x32_sparse", "fp32+fp32", "kBlockFp32", True)):
         for hd in (64, 128):
             rows.append(Kernel(
                 f"sm90_qkint8_pvfp8_{acc_tag}_hd{hd}", "attention", "Sm90AttnParams",
-                f"sageattn::sm90::attention<{hd}, sageattn::PvAccum::{cxx}>(p)", threads=384,
-                min_blocks=1, q_rows=128,
+                f"sageattn::sm90::attention<{hd}, sageattn::PvAccum::{cxx}, {str(sparse).lower()}>(p)",
+                threads=384, min_blocks=1, q_rows=128,
                 # align slack + Q 128*hd + 4 stages of (K 128*hd + V^T 128*hd) + 13 mbarriers
                 # + a step entry and 8 K scales per stage
                 smem=1024 + 128 * hd + 4 * 256 * hd + 104 + 16 + 128,

@@ -110,7 +110,10 @@ __device__ __forceinline__ void pack_p_e4m3(u32 (&a)[T::kKTiles / 4][4], const f
 }
 
 /// Grid (q_blocks, Hq, B), T::kThreads threads, T::kSmemBytes dynamic shared memory.
-template <int kHeadDim, PvAccum kAccum>
+/// kBlockSparse: walk p.block_mask (the producer hands the kept steps to the consumers through
+/// shared memory); dense kernels keep the plain step loop (NOTES.md sm90 v7: the step list cost
+/// dense calls 8%).
+template <int kHeadDim, PvAccum kAccum, bool kBlockSparse>
 __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   using T = Traits<kHeadDim>;
   static_assert(kAccum == PvAccum::kDirect || kAccum == PvAccum::kBlockFp32, "fp32 accumulation only");
@@ -160,7 +163,21 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     // Producer: warp 0 reads the block mask 32 steps at a time (a ballot per 64-key half), its
     // lane 0 issues every copy and writes each stage's step entry; the other warps idle to exit.
     warpgroup_release_registers<T::kProducerRegs>();
-    if (threadIdx.x < 32) {
+    if (!kBlockSparse && threadIdx.x == 0 && n_steps > 0) {
+      prefetch_tensor_map(&params.tmap_k);
+      prefetch_tensor_map(&params.tmap_v);
+      mbar_arrive_expect_tx(q_full, T::kQBytes);
+      tma_load_3d(smem_q, &params.tmap_q, q_full, 0, q0, bhq);
+      for (int t = 0; t < n_steps; ++t) {
+        const int s = t % T::kStages;
+        if (t >= T::kStages) mbar_wait(kv_free(s), ((t / T::kStages) - 1) & 1);
+        mbar_arrive_expect_tx(k_full(s), T::kKBytes);
+        tma_load_3d(stage_k(s), &params.tmap_k, k_full(s), 0, t * T::kBlockK, bhk);
+        mbar_arrive_expect_tx(v_full(s), T::kVBytes);
+        tma_load_4d(stage_v(s), &params.tmap_v, v_full(s), 0, 0, 2 * t, bhk);
+      }
+    }
+    if (kBlockSparse && threadIdx.x < 32) {
       const int lane = threadIdx.x;
       const signed char* mask_row =
           p.block_mask == 0 ? nullptr
@@ -234,10 +251,12 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     for (int e = 0; e < 4; ++e) o[dc][e] = 0.f;
   RowStats st;
 
-  // The producer's i-th step entry (kSkip* | step, or kEndOfSteps), once its K tile has landed.
+  // The i-th step entry (kSkip* | step, or kEndOfSteps), once its K tile has landed: from the
+  // producer (block-sparse) or the step itself (dense).
   const auto next_entry = [&](int i) {
+    if (!kBlockSparse && i >= n_steps) return kEndOfSteps;
     mbar_wait(k_full(i % T::kStages), (i / T::kStages) & 1);
-    return ld_shared_u32(step_info + 4u * (i % T::kStages));
+    return kBlockSparse ? ld_shared_u32(step_info + 4u * (i % T::kStages)) : static_cast<u32>(i);
   };
   // S = Q K^T of entry i into `acc` (asynchronous: the caller waits).
   const auto issue_qk = [&](int i, int (&acc)[T::kKTiles][4]) {
@@ -268,11 +287,20 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     for (int c = 1; c < T::kKTiles / 4; ++c) wgmma_pv<kHeadDim, true>(d, pa[c], v_desc(c));
     wgmma_commit();
   };
-  // The K scales of entry i's two 64-key blocks (this thread's slot), staged by the producer.
-  const auto step_scales = [&](int i, float (&scale)[2]) {
-    const u32 at = scale_info + 32u * (i % T::kStages) + 4u * (lane % 4);
-    scale[0] = __uint_as_float(ld_shared_u32(at));
-    scale[1] = __uint_as_float(ld_shared_u32(at + 16u));
+  // The K scales of entry i's two 64-key blocks (this thread's slot): staged by the producer
+  // (block-sparse), or loaded here a step ahead of their use (a global load's latency would
+  // otherwise stall the softmax).
+  const float* k_scales = reinterpret_cast<const float*>(p.k_scale) + static_cast<long long>(bhk) * p.k_blocks * 4 + lane % 4;
+  const auto step_scales = [&](int i, u32 entry, float (&scale)[2]) {
+    if constexpr (kBlockSparse) {
+      const u32 at = scale_info + 32u * (i % T::kStages) + 4u * (lane % 4);
+      scale[0] = __uint_as_float(ld_shared_u32(at));
+      scale[1] = __uint_as_float(ld_shared_u32(at + 16u));
+    } else {
+      const int kb = 2 * static_cast<int>(entry);  // the step's first 64-key quantizer block
+      scale[0] = k_scales[kb * 4];
+      scale[1] = kb + 1 < p.k_blocks ? k_scales[(kb + 1) * 4] : 0.f;
+    }
   };
   // Scores of a step -> probabilities (fp32, scaled by 448) in place, and the rows' rescale.
   const auto softmax = [&](u32 entry, const int (&acc)[T::kKTiles][4], const float (&k_scale)[2],
@@ -303,7 +331,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     u32 pa[T::kKTiles / 4][4];
     float blk[T::kOTiles][4];  // "fp32+fp32": one step's P V
     float rescale[2], k_scale[2];
-    step_scales(0, k_scale);
+    step_scales(0, entry, k_scale);
     named_barrier_sync(my_turn, 256);
     issue_qk(0, acc);
     named_barrier_arrive(their_turn, 256);
@@ -343,7 +371,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     for (;; ++i) {
       entry = next_entry(i + 1);
       if (entry == kEndOfSteps) break;
-      step_scales(i + 1, k_scale);
+      step_scales(i + 1, entry, k_scale);
       direct_rescale();
       named_barrier_sync(my_turn, 256);
       issue_qk(i + 1, acc);

@@ -332,10 +332,16 @@ def sm89_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
         block_mask=block_mask, varlen=varlen, kernel_only=kernel_only)
 
 
-def sm90_kernel_names(head_dim: int, pv_accum_dtype: str) -> tuple:
-    """(channel stats, quantize, attention) kernel names of the sm90 tree for a call."""
+def sm90_kernel_names(head_dim: int, pv_accum_dtype: str, block_sparse: bool = False) -> tuple:
+    """(channel stats, quantize, attention) kernel names of the sm90 tree for a call; block-sparse
+    calls take the "fp32+fp32" kernel that walks the mask."""
     d_pad = 64 if head_dim <= 64 else 128
     tag = _checked(pv_accum_dtype, _ACC_TAG_SM90, "sm90")
+    if block_sparse:
+        if tag != "acc32x32":
+            raise ValueError("block-sparse attention on the sm90 path takes pv_accum_dtype "
+                             "'fp32+fp32'")
+        tag = "acc32x32_sparse"
     return ("sm90_channel_stats", f"sm90_quantize_qk_int8_v_fp8_hd{d_pad}",
             f"sm90_qkint8_pvfp8_{tag}_hd{d_pad}")
 
@@ -349,7 +355,7 @@ def sm90_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
     return _int8_forward(
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
-        names=sm90_kernel_names(q.shape[-1], pv_accum_dtype),
+        names=sm90_kernel_names(q.shape[-1], pv_accum_dtype, block_mask is not None),
         fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)), block_mask=block_mask,
         varlen=varlen, kernel_only=kernel_only, tensor_maps=True)
 
