@@ -160,15 +160,18 @@ _FP4_MMA = re.compile(r"\bOMMA\.SF\.16864\.F32\.E2M1\.E2M1\.UE4M3\.4X\b")
 _E2M1_CVT = re.compile(r"\bF2FP\.SATFINITE\.E2M1\.F32\b")
 
 
-def test_sm120a_sass_has_the_block_scaled_fp4_mma():
-    """Verification 1 of the sm120 tree (no Blackwell GPU here): in the sm_120a image every
-    attention kernel issues the block-scaled FP4 MMA (head dim / 64 QK steps x 8 key tiles + head
-    dim / 8 PV tiles per key block) and the quantizers the E2M1 conversion; the sm_90 image (the
-    software-FP4 verification build) issues neither."""
+@pytest.mark.parametrize("arch", ["sm_120a", "sm_121a"])
+def test_sm120a_sass_has_the_block_scaled_fp4_mma(arch):
+    """Verification 1 of the sm120 tree (no Blackwell GPU here): in the sm_120a image (and the
+    sm_121a one, where the toolchain builds it) every attention kernel issues the block-scaled FP4
+    MMA (head dim / 64 QK steps x 8 key tiles + head dim / 8 PV tiles per key block) and the
+    quantizers the E2M1 conversion; the sm_90 image (the software-FP4 verification build) issues
+    neither."""
     entry = _manifest()["trees"].get("sm120")
-    if entry is None or "sm_120a" not in entry["sass"]:
-        pytest.skip("this build has no sm_120a image (SAGEATTN_CUDA_ARCHS narrowed it)")
-    sass = _sass_by_function("sm120", "sm_120a")
+    if entry is None or arch not in entry["sass"]:
+        pytest.skip(f"this build has no {arch} image (SAGEATTN_CUDA_ARCHS narrowed it, or the "
+                    "toolchain predates it)")
+    sass = _sass_by_function("sm120", arch)
     for name, k in entry["kernels"].items():
         if k["kind"] == "attention":
             hd = k["head_dim"]

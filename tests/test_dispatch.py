@@ -409,3 +409,13 @@ def test_sm120_fp4_on_hopper_is_the_forced_verification_build():
     assert "verification" not in choose((12, 0), trees, "sm120_fp4", "path= argument").reason
     with pytest.raises(PathUnavailableError, match="cannot run"):
         choose((8, 9), trees, "sm120_fp4", "path= argument")
+
+
+def test_sm120_fp4_on_dgx_spark_needs_the_sm121a_image():
+    # sm_120a SASS does not run on 12.1; the cu130 build carries sm_121a, the cu128 one cannot.
+    with_121 = {**FULL, "sm120": {**FULL["sm120"], "sass": ["sm_90", "sm_120a", "sm_121a"]}}
+    c = choose((12, 1), with_121, "sm120_fp4", "path= argument")
+    assert (c.tree, c.runs_as) == ("sm120", "SASS sm_121a")
+    without = {**FULL, "sm120": {**FULL["sm120"], "sass": ["sm_90", "sm_120a"]}}
+    with pytest.raises(PathUnavailableError, match="cannot run"):
+        choose((12, 1), without, "sm120_fp4", "path= argument")

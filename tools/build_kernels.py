@@ -145,6 +145,10 @@ class Toolchain:
         """major.minor of every CUDA component used (compared with a flavour's `cuda`)."""
         raise NotImplementedError
 
+    def supported_archs(self) -> set[str]:
+        """Architecture numbers ("90", "121") the toolchain can target."""
+        raise NotImplementedError
+
     def compile(self, source: Path, include_dirs: list[Path], arch: Arch, out: Path) -> str:
         """Write `out` (cubin for a real arch, PTX for a virtual one); return the tool's log."""
         raise NotImplementedError
@@ -210,6 +214,11 @@ class Nvcc(Toolchain):
 
     def cuda_versions(self) -> list[str]:
         return [".".join(self.version().split()[-1].split(".")[:2])]
+
+    def supported_archs(self) -> set[str]:
+        """The architecture numbers this nvcc can target ("90", "120", "121", ...)."""
+        text = _run([str(self.nvcc), "--list-gpu-arch"])
+        return set(re.findall(r"compute_(\d+)", text))
 
     def compile(self, source, include_dirs, arch, out):
         cmd = [str(self.nvcc), *NVCC_FLAGS, *(f"-I{d}" for d in include_dirs)]
@@ -305,8 +314,17 @@ def build(out_dir: Path, work_dir: Path, tokens: list[str] | None, toolchain: To
 
     plan: list[Job] = []
     trees = {}
+    targets = toolchain.supported_archs()
     for tree in table.TREES:
         sass, ptx = select_archs(tree, tokens)
+        # An architecture newer than the toolchain (sm_121a with a CUDA 12.8 flavour) is left
+        # out of this build, and said so; the manifest lists what was built.
+        missing = [a for a in (*sass, *ptx) if re.match(r"\d+", a.code).group(0) not in targets]
+        if missing:
+            print(f"[sageattn] {tree.name}: {' '.join(a.name for a in missing)} left out "
+                  f"({toolchain.version()} cannot target it)", flush=True)
+            sass = [a for a in sass if a not in missing]
+            ptx = [a for a in ptx if a not in missing]
         if not sass and not ptx:
             print(f"[sageattn] {tree.name}: skipped (no architecture selected)", flush=True)
             continue

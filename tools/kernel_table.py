@@ -148,7 +148,8 @@ TREES = (
     # SageAttention3: the block-scaled FP4 mma.sync is native on sm_120a only. The sm_90 build
     # swaps in exact software FP4 behind one compile-time switch (kernels/sm120/fp4_numeric.cuh)
     # so the H100 can check these kernels against the emulator; dispatch runs it on 9.0 only
-    # when forced. sm_121a (DGX Spark) is left out: NVRTC 12.8 (the cu128 flavour) predates it.
-    Tree("sm120", "sm120/kernel.cuh", sass=("sm_90", "sm_120a"), ptx=(),
+    # when forced. sm_121a (DGX Spark): built by toolchains that know it (nvcc 13.0, cu130); the
+    # cu128 flavour's NVRTC 12.8 predates it and leaves it out.
+    Tree("sm120", "sm120/kernel.cuh", sass=("sm_90", "sm_120a", "sm_121a"), ptx=(),
          kernels=_sm120_kernels()),
 )

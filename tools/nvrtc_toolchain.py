@@ -74,6 +74,14 @@ class _Nvrtc:
         self.check(self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
         return f"{major.value}.{minor.value}"
 
+    def supported_archs(self) -> set[str]:
+        """The architecture numbers this NVRTC can target ("120", "121", ...)."""
+        count = ctypes.c_int()
+        self.check(self.lib.nvrtcGetNumSupportedArchs(ctypes.byref(count)), "nvrtcGetNumSupportedArchs")
+        archs = (ctypes.c_int * count.value)()
+        self.check(self.lib.nvrtcGetSupportedArchs(archs), "nvrtcGetSupportedArchs")
+        return {str(a) for a in archs}
+
     def _read(self, prog, size_fn: str, get_fn: str) -> bytes:
         size = ctypes.c_size_t()
         self.check(getattr(self.lib, size_fn)(prog, ctypes.byref(size)), size_fn)
@@ -174,6 +182,9 @@ class Nvrtc:
 
     def cuda_versions(self) -> list[str]:
         return [self.nvrtc.version(), self.nvfatbin.version()]
+
+    def supported_archs(self) -> set[str]:
+        return self.nvrtc.supported_archs()
 
     def compile(self, source, include_dirs, arch, out):
         options = [*self.flags, f"--gpu-architecture={arch.name}",
