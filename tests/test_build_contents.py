@@ -149,8 +149,14 @@ def test_ptx_has_every_kernel_and_the_abi_version(tree):
 
 
 def _sass_by_function(tree: str, arch: str) -> dict:
-    """{kernel name: its SASS text} of one architecture's image of a tree."""
-    dump = _run(_cuobjdump(), "-sass", "-arch", arch, _fatbin(tree))
+    """{kernel name: its SASS text} of one architecture's image of a tree. cuobjdump -sass runs
+    nvdisasm, which the nvidia-cuda-nvdisasm wheel puts beside cuobjdump (not on PATH)."""
+    tool = _cuobjdump()
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(tool).parent), os.environ.get("PATH", "")])}
+    proc = subprocess.run([tool, "-sass", "-arch", arch, _fatbin(tree)], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0, f"cuobjdump -sass -arch {arch} failed:\n{proc.stderr}"
+    dump = proc.stdout
     parts = re.split(r"^\s*Function : (\S+)\s*$", dump, flags=re.M)[1:]
     return dict(zip(parts[::2], parts[1::2]))
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from sageattn import emulate, reference
 from test_emulator import LSE_ATOL, make
-from test_emulator_fp8 import LOOSE, TIGHT, accurate
+from test_emulator_fp8 import LOOSE, TIGHT, accurate, loose_bound
 
 MODES = list(emulate.PV_ACCUM_SM90)
 ISSUE_BOUND = (0.035, 0.9993)      # the Hopper issue's accuracy target (rel-L1, cos)
@@ -246,7 +246,7 @@ def test_inputs_unchanged():
 def test_random_shapes(Sq, Sk, D, acc, smooth_v, causal, seed):
     q, k, v = make(Sq=Sq, Sk=Sk, D=D, outlier=True, seed=seed)
     m = errors(q, k, v, causal=causal, pv_accum_dtype=acc, smooth_v=smooth_v)
-    assert accurate(m, LOOSE), m
+    assert accurate(m, loose_bound(Sq, D)), m
 
 
 # ---- the bounds see a broken 128-key step ------------------------------------------------
