@@ -13,6 +13,7 @@
 
 #include "../common/epilogue_mma_sync.cuh"
 #include "../common/pv_accumulate.cuh"
+#include "../common/qk_int8_mma.cuh"  // mask_scores
 #include "../common/visible_keys.cuh"
 #include "async_copy.cuh"
 #include "traits.cuh"
@@ -22,38 +23,27 @@ namespace sm90 {
 
 constexpr float kLog2PScale = 8.807354922057604f;  // log2(448): P scaled into E4M3's range
 
-/// @brief Base-2 scores of one step: INT32 accumulators times the thread's Q scale and the K
-/// scale of each 64-key half; keys past the sequence, above the causal diagonal or in a 64-key
-/// half the block mask skips (`skip`: bit 0 low half, bit 1 high half) -> -inf.
+/// @brief Base-2 scores of a step that needs masking: INT32 accumulators times the thread's Q
+/// scale and the K scale of each 64-key half; keys past the sequence or above the causal
+/// diagonal (the shared mask_scores) or in a 64-key half the block mask skips (`skip`: bit 0
+/// low half, bit 1 high half) -> -inf.
 template <class T>
-__device__ __forceinline__ void dequantize_step(float (&s)[T::kKTiles][4], const int (&acc)[T::kKTiles][4],
-                                                float scale_lo, float scale_hi, bool apply_mask, int key0,
-                                                long long row0, int seq_k, bool causal, long long causal_offset,
-                                                u32 skip, int lane) {
+__device__ __forceinline__ void dequantize_masked_step(float (&s)[T::kKTiles][4], const int (&acc)[T::kKTiles][4],
+                                                       float scale_lo, float scale_hi, int key0, long long row0,
+                                                       int seq_k, bool causal, long long causal_offset, u32 skip,
+                                                       int lane) {
+  constexpr int kHalf = T::kKTiles / 2;
   const float neg_inf = -__int_as_float(0x7f800000);
 #pragma unroll
   for (int j = 0; j < T::kKTiles; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      s[j][e] = static_cast<float>(acc[j][e]) * (j < T::kKTiles / 2 ? scale_lo : scale_hi);
-  if (!apply_mask) return;
-  // Per row, the last visible key of this step (32-bit: sequence lengths are int32) and the
-  // skipped halves: one compare per score.
-  int last[2];
+    for (int e = 0; e < 4; ++e) s[j][e] = static_cast<float>(acc[j][e]) * (j < kHalf ? scale_lo : scale_hi);
+  mask_scores<T>(s, key0, row0, seq_k, causal, causal_offset, lane);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const long long diag = causal ? row0 + 8 * r + causal_offset : 0x7fffffffLL;
-    last[r] = static_cast<int>(min(static_cast<long long>(seq_k - 1), diag)) - key0;  // may be < 0
-  }
+  for (int j = 0; j < T::kKTiles; ++j)
+    if ((skip >> (j < kHalf ? 0 : 1)) & 1u)
 #pragma unroll
-  for (int j = 0; j < T::kKTiles; ++j) {
-    const bool skipped = (skip >> (j < T::kKTiles / 2 ? 0 : 1)) & 1u;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = 8 * j + 2 * (lane % 4) + (e % 2);  // relative to key0
-      if (key > last[e / 2] || skipped) s[j][e] = neg_inf;
-    }
-  }
+      for (int e = 0; e < 4; ++e) s[j][e] = neg_inf;
 }
 
 /// Step list entries the producer hands the consumers through shared memory: the step index
@@ -311,8 +301,8 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     if (t < first_masked && skip == 0) {
       softmax_unmasked_step<T>(acc, scale_lo, scale_hi, sc, st, rescale, kLog2PScale);
     } else {
-      dequantize_step<T>(sc, acc, scale_lo, scale_hi, true, t * T::kBlockK, row0, k_span.len, p.causal != 0,
-                         causal_offset, skip, lane);
+      dequantize_masked_step<T>(sc, acc, scale_lo, scale_hi, t * T::kBlockK, row0, k_span.len, p.causal != 0,
+                                causal_offset, skip, lane);
       online_softmax_step<T::kKTiles>(sc, st, rescale, kLog2PScale);
     }
   };

@@ -45,14 +45,7 @@ __device__ __forceinline__ void fence_registers(float (&r)[kTiles][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(r[j][e])::"memory");
 }
 
-/// @brief As fence_registers, for loose fp32 values (the softmax's running row statistics).
-__device__ __forceinline__ void fence_value(float& x) { asm volatile("" : "+f"(x)::"memory"); }
-
-template <class... F>
-__device__ __forceinline__ void fence_values(F&... x) {
-  (fence_value(x), ...);
-}
-
+/// @brief As above, for INT32 accumulators.
 template <int kTiles>
 __device__ __forceinline__ void fence_registers(int (&r)[kTiles][4]) {
 #pragma unroll
