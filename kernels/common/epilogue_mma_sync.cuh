@@ -45,6 +45,19 @@ __device__ __forceinline__ void store_output(const Params& p, const OutputRows& 
                                              int row0, int lane) {
   float sum[2], lse[2];
   finish_rows(st, sum, lse, log2_p_scale);
+  // The column factors first, all loads in flight at once: loaded inside the store loop, each
+  // waited for its own global round trip behind the stores before it (7 us per 128-row sm90
+  // tile, more than five main-loop steps: NOTES.md sm90 v8).
+  float scale[T::kOTiles][2], bias[T::kOTiles][2];
+#pragma unroll
+  for (int dc = 0; dc < T::kOTiles; ++dc) {
+    const int col = 8 * dc + 2 * (lane % 4);  // col + 1 < the padded head dim the factors cover
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      scale[dc][e] = col_scale != nullptr ? col_scale[col + e] : 1.f;
+      bias[dc][e] = col_bias != nullptr ? col_bias[col + e] : 0.f;
+    }
+  }
   const bool is_bf16 = p.out_dtype == kDtypeBf16;
   // 4-byte stores need an even row stride and width (torch's allocation is 16-byte aligned).
   const bool paired = (dst_rows.out_stride_s % 2 == 0) && (p.head_dim_out % 2 == 0) &&
@@ -62,9 +75,9 @@ __device__ __forceinline__ void store_output(const Params& p, const OutputRows& 
       if (col >= p.head_dim_out) continue;
       float x0 = 0.f, x1 = 0.f;
       if (!empty) {
-        x0 = o[dc][2 * r] * inv, x1 = o[dc][2 * r + 1] * inv;
-        if (col_scale != nullptr) x0 *= col_scale[col], x1 *= col_scale[col + 1];
-        if (col_bias != nullptr) x0 += col_bias[col], x1 += col_bias[col + 1];
+        // Rounded as o * inv * scale + bias, one operation at a time (the emulators' order).
+        x0 = __fadd_rn(__fmul_rn(o[dc][2 * r] * inv, scale[dc][0]), bias[dc][0]);
+        x1 = __fadd_rn(__fmul_rn(o[dc][2 * r + 1] * inv, scale[dc][1]), bias[dc][1]);
       }
       const u32 packed = is_bf16 ? pack_bf162(x0, x1) : pack_half2(x0, x1);
       if (paired) {

@@ -313,6 +313,8 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   // arrival after its loop, so both barriers end balanced (both see the same entries).
   const int my_turn = 1 + consumer, their_turn = 2 - consumer;
   if (consumer == 1) named_barrier_arrive(their_turn, 256);
+  float k_scale[2];
+  if (!kBlockSparse && n_steps > 0) step_scales(0, 0u, k_scale);  // in flight while K lands
   u32 entry = next_entry(0);
   if (entry != kEndOfSteps) {
     mbar_wait(q_full, 0);
@@ -320,8 +322,8 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     float sc[T::kKTiles][4];
     u32 pa[T::kKTiles / 4][4];
     float blk[T::kOTiles][4];  // "fp32+fp32": one step's P V
-    float rescale[2], k_scale[2];
-    step_scales(0, entry, k_scale);
+    float rescale[2];
+    if (kBlockSparse) step_scales(0, entry, k_scale);
     named_barrier_sync(my_turn, 256);
     issue_qk(0, acc);
     named_barrier_arrive(their_turn, 256);
