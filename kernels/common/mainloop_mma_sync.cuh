@@ -115,9 +115,12 @@ __device__ __forceinline__ void attention_mma_sync(const AttnParams& p) {
     __syncthreads();  // the next iteration's copy overwrites the stage read here
   }
 
+  // The loop's last barrier retired every read of the K/V stages (and no copy is pending):
+  // each warp stages its output rows there.
+  static_assert(T::kStageBytes >= T::kWarps * 32 * T::kHeadDim, "a stage holds the CTA's output rows");
   const OutputRows rows = output_rows(p, b, h, q_span, bhq);
   store_output<T>(p, rows, o, st, Pv::kLog2PScale, Pv::template col_scale<T>(p, bhk),
-                  Pv::template col_bias<T>(p, bhk), row0, lane);
+                  Pv::template col_bias<T>(p, bhk), row0, lane, smem + T::kQBytes + warp * 32 * T::kHeadDim);
 }
 
 }  // namespace sageattn

@@ -316,6 +316,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   float k_scale[2];
   if (!kBlockSparse && n_steps > 0) step_scales(0, 0u, k_scale);  // in flight while K lands
   u32 entry = next_entry(0);
+  int entries = 0;  // ring entries this consumer read (kept steps)
   if (entry != kEndOfSteps) {
     mbar_wait(q_full, 0);
     int acc[T::kKTiles][4];
@@ -384,6 +385,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     named_barrier_arrive(their_turn, 256);
     wgmma_wait<0>();
     finish_pv(i);
+    entries = i + 1;
   }
   if (consumer == 0) named_barrier_sync(my_turn, 256);
 
@@ -391,7 +393,13 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const float* col_scale = reinterpret_cast<const float*>(p.v_scale) + static_cast<long long>(bhk) * kHeadDim;
   const float* col_bias = p.v_mean != 0 ? reinterpret_cast<const float*>(p.v_mean) + static_cast<long long>(bhk) * kHeadDim
                                         : nullptr;
-  store_output<T>(p, rows, o, st, kLog2PScale, col_scale, col_bias, row0, lane);
+  // Stage slots `entries` and `entries + 1` (mod kStages) held steps entries-4 and entries-3 (or
+  // nothing, or the sparse end marker, whose tile area no copy writes): both consumers and all
+  // copies are done with them, while the other consumer's last products may still read the
+  // latest two. Each consumer stages its output in one of them.
+  const u32 staging = stage_k((entries + consumer) % T::kStages) + static_cast<u32>(warp) * 32 * kHeadDim;
+  store_output<T>(p, rows, o, st, kLog2PScale, col_scale, col_bias, row0, lane,
+                  smem_raw + (staging - smem_addr(smem_raw)));
   }
 }
 
