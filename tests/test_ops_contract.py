@@ -366,6 +366,29 @@ def test_sm80_refuses_smooth_v(fake_ext):
                          smooth_k=True, smooth_v=True)
 
 
+@pytest.mark.parametrize("tree", ["sm80", "sm89"])
+def test_quantized_operands_launches_only_the_quantization(fake_ext, tree):
+    # The test/bench aid goes through the path's own runner and stops after the quantize launch.
+    q, k, v = rand(1, 2, 100, 64, seed=1), rand(1, 2, 150, 64, seed=2), rand(1, 2, 150, 64, seed=3)
+    for x in (q, k, v):
+        fake_ext.mem.add(x)
+    buf = ops.quantized_operands(q, k, v, path=tree)
+    stats, quant, _ = ops.kernel_names(tree, 64, "fp32+fp32" if tree == "sm89" else "fp32")
+    assert fake_ext.launches == [stats] * (1 if tree == "sm80" else 2) + [quant]
+    assert buf["q_int8"].shape == (1, 2, 128, 64) and buf["k_int8"].shape == (1, 2, 192, 64)
+    assert (buf["v_fp16"] is None) == (tree == "sm89") and (buf["v_fp8"] is None) == (tree == "sm80")
+    qt = emulate.quantize(q, k, v, sm_scale=64 ** -0.5)
+    assert torch.equal(buf["q_int8"], qt.q_int8) and torch.equal(buf["k_int8"], qt.k_int8)
+
+
+def test_quantized_operands_refuses_what_the_path_does_not_offer(fake_ext):
+    q = rand(1, 1, 64, 64)
+    with pytest.raises(ValueError, match="path must be one of"):
+        ops.quantized_operands(q, q, q, path="sm120")
+    with pytest.raises(ValueError, match="smooth_v=True is not offered on the sm80 path"):
+        ops.quantized_operands(q, q, q, path="sm80", smooth_v=True)
+
+
 def test_kernel_names_refuse_other_paths_modes():
     assert ops.kernel_names("sm89", 72, "fp32+fp16")[-1] == "sm89_qkint8_pvfp8_acc16x32_hd128"
     assert ops.kernel_names("sm80", 64, "fp16+fp32")[-1] == "sm80_qkint8_pvfp16_acc16x32_hd64"

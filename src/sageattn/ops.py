@@ -303,7 +303,7 @@ def _launch_current(kernel, ordinal, grid, params, dev, out, buffers):
 def sm80_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
                  return_lse: bool, qk_quant_gran: str, pv_accum_dtype: str, smooth_k: bool,
                  smooth_v: bool = False, tree: str = "sm80", block_mask=None, varlen=None,
-                 kernel_only: bool = False):
+                 kernel_only: bool = False, quantize_only: bool = False):
     """Run the sm80 kernels on validated tensors; returns (out, lse or None).
 
     ``out`` has the input dtype and layout and is contiguous in that layout.
@@ -315,13 +315,14 @@ def sm80_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
         names=sm80_kernel_names(q.shape[-1], pv_accum_dtype), fp8_pv=None,
-        block_mask=block_mask, varlen=varlen, kernel_only=kernel_only)
+        block_mask=block_mask, varlen=varlen, kernel_only=kernel_only,
+        quantize_only=quantize_only)
 
 
 def sm89_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
                  return_lse: bool, qk_quant_gran: str, pv_accum_dtype: str, smooth_k: bool,
                  smooth_v: bool = False, tree: str = "sm89", block_mask=None, varlen=None,
-                 kernel_only: bool = False):
+                 kernel_only: bool = False, quantize_only: bool = False):
     """Run the sm89 kernels (INT8 QK^T, FP8 E4M3 PV) on validated tensors; returns
     (out, lse or None), ``out`` in the input dtype and layout, contiguous in that layout."""
     names = sm89_kernel_names(q.shape[-1], pv_accum_dtype)
@@ -329,7 +330,8 @@ def sm89_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
         names=names, fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)),
-        block_mask=block_mask, varlen=varlen, kernel_only=kernel_only)
+        block_mask=block_mask, varlen=varlen, kernel_only=kernel_only,
+        quantize_only=quantize_only)
 
 
 def sm90_kernel_names(head_dim: int, pv_accum_dtype: str, block_sparse: bool = False) -> tuple:
@@ -349,7 +351,7 @@ def sm90_kernel_names(head_dim: int, pv_accum_dtype: str, block_sparse: bool = F
 def sm90_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: float,
                  return_lse: bool, qk_quant_gran: str, pv_accum_dtype: str, smooth_k: bool,
                  smooth_v: bool = False, tree: str = "sm90", block_mask=None, varlen=None,
-                 kernel_only: bool = False):
+                 kernel_only: bool = False, quantize_only: bool = False):
     """Run the sm90 kernels (INT8 QK^T and FP8 E4M3 PV with wgmma; the sm89 quantizer) on
     validated tensors; returns (out, lse or None) as sm89_forward does."""
     return _int8_forward(
@@ -357,7 +359,7 @@ def sm90_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
         names=sm90_kernel_names(q.shape[-1], pv_accum_dtype, block_mask is not None),
         fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)), block_mask=block_mask,
-        varlen=varlen, kernel_only=kernel_only, tensor_maps=True)
+        varlen=varlen, kernel_only=kernel_only, quantize_only=quantize_only, tensor_maps=True)
 
 
 dispatch.RUNNERS["sm80"] = sm80_forward
@@ -409,8 +411,9 @@ def attention_kernel_only(q, k, v, *, path: str, tensor_layout: str = "HND",
         smooth_v=cfg.get("smooth_v", False), tree=choice.tree, kernel_only=True)
 
 
-_QUANT_PATHS = {"sm80": (sm80_kernel_names, "fp32"), "sm89": (sm89_kernel_names, "fp32+fp32"),
-                "sm90": (sm90_kernel_names, "fp32+fp32")}
+# The INT8-QK paths whose quantization launches quantized_operands runs, and their default PV
+# accumulation there.
+_QUANT_PATHS = {"sm80": "fp32", "sm89": "fp32+fp32", "sm90": "fp32+fp32"}
 
 
 def quantized_operands(q, k, v, *, path: str, tensor_layout: str = "HND",
@@ -421,21 +424,15 @@ def quantized_operands(q, k, v, *, path: str, tensor_layout: str = "HND",
     "sm89" or "sm90": channel stats, then the fused quantize kernel) on the current stream and
     return the buffers the attention kernel would read, by name (None where the path has
     none). Inputs are taken as valid; ``varlen`` as in ``_int8_forward``."""
-    try:
-        names_of, default_acc = _QUANT_PATHS[path]
-    except KeyError:
+    if path not in _QUANT_PATHS:
         raise ValueError(f"path must be one of {', '.join(map(repr, _QUANT_PATHS))}; "
-                         f"got {path!r}") from None
-    acc = pv_accum_dtype or default_acc
-    if path == "sm80" and smooth_v:
-        raise ValueError("smooth_v=True is not offered on the sm80 path")
+                         f"got {path!r}")
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    return _int8_forward(
+    return dispatch.RUNNERS[path](
         q, k, v, tensor_layout=tensor_layout, is_causal=False, sm_scale=sm_scale,
-        return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=path,
-        names=names_of(q.shape[-1], acc),
-        fp8_pv=None if path == "sm80" else (_V_SCALE_MAX[acc], bool(smooth_v)),
-        varlen=varlen, quantize_only=True)
+        return_lse=return_lse, qk_quant_gran=qk_quant_gran,
+        pv_accum_dtype=pv_accum_dtype or _QUANT_PATHS[path], smooth_k=smooth_k,
+        smooth_v=smooth_v, varlen=varlen, quantize_only=True)
 
 
 def _flag(value: int) -> Optional[bool]:

@@ -21,7 +21,6 @@ Bounds:
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -29,25 +28,17 @@ import torch
 import sageattn
 from sageattn import emulate, ops, reference
 from sageattn import sageattn_qk_int8_pv_fp8_cuda as sm89
+from fp8_checks import LENGTHS, LSE_VS_REF, check_call, make, maybe_compiled
 
 pytestmark = pytest.mark.gpu
 
 MODES = ("fp32", "fp32+fp32", "fp32+fp16")
 VS_EMU = {"fp32": 1e-3, "fp32+fp32": 1e-3, "fp32+fp16": 1e-3}   # rel-L1 kernel vs emulator
-LSE_VS_EMU = 2e-3                              # max |LSE_kernel - LSE_emulator|
-LSE_VS_REF = 0.06                              # max |LSE_kernel - LSE_reference|
 ACCEPT_REL_L1, ACCEPT_COS = 0.040, 0.9992
 ISSUE_REL_L1 = 0.038                           # the issue's target, reported, not asserted
-LENGTHS = (1, 63, 65, 127, 129, 1000, 4097)
 
 # SAGEATTN_TEST_TORCH_COMPILE=1 runs every checked call through torch.compile(fullgraph=True).
-_CALL = sm89
-if os.environ.get("SAGEATTN_TEST_TORCH_COMPILE", "") not in ("", "0"):
-    for _name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                  "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, _name):
-            setattr(torch._dynamo.config, _name, 100_000)
-    _CALL = torch.compile(sm89, fullgraph=True, dynamic=True)
+_CALL = maybe_compiled(sm89)
 
 
 @pytest.fixture(autouse=True)
@@ -62,50 +53,9 @@ def sm89_device(monkeypatch):
         monkeypatch.setattr(emulate, "PV_K_STEP_FP8", 16)
 
 
-def make(B=1, H=2, Sq=256, Sk=None, D=128, dtype=torch.bfloat16, Hkv=None, outlier=True,
-         seed=0, layout="HND", v_offset=0.0):
-    """q, k, v ~ N(0, 1) on the GPU; ``outlier``: K plus a per-channel bias 4*N(0, 1);
-    ``v_offset``: V plus a per-channel bias v_offset*N(0, 1) (what smooth_v removes)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    Sk, Hkv = Sk or Sq, Hkv or H
-    q = torch.randn(B, H, Sq, D, generator=g, device="cuda")
-    k = torch.randn(B, Hkv, Sk, D, generator=g, device="cuda")
-    v = torch.randn(B, Hkv, Sk, D, generator=g, device="cuda")
-    if outlier:
-        k = k + 4 * torch.randn(B, Hkv, 1, D, generator=g, device="cuda")
-    if v_offset:
-        v = v + v_offset * torch.randn(B, Hkv, 1, D, generator=g, device="cuda")
-    out = [x.to(dtype) for x in (q, k, v)]
-    if layout == "NHD":
-        out = [x.transpose(1, 2).contiguous() for x in out]
-    return tuple(out)
-
-
-def check(record, group, q, k, v, layout="HND", causal=False, gran="per_thread",
-          acc="fp32+fp16", smooth_k=True, smooth_v=False, sm_scale=None):
-    """Run the kernel, the emulator and the reference on one input; assert and record."""
-    kw = dict(tensor_layout=layout, is_causal=causal, sm_scale=sm_scale)
-    cfg = dict(qk_quant_gran=gran, pv_accum_dtype=acc, smooth_k=smooth_k, smooth_v=smooth_v)
-    saved = [x.clone() for x in (q, k, v)]
-    out, lse = _CALL(q, k, v, return_lse=True, **cfg, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(saved, (q, k, v))), "inputs modified"
-    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
-    assert out.device == q.device and lse.dtype == torch.float32
-    emu, emu_lse = emulate.sm89_attention(q, k, v, return_lse=True, **cfg, **kw)
-    ref, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
-    m, e, ve = reference.compare(out, ref), reference.compare(emu, ref), reference.compare(out, emu)
-    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "LSE -inf rows differ"
-    seen = torch.isfinite(ref_lse)
-    lse_ref = (lse[seen] - ref_lse[seen]).abs().max().item() if seen.any() else 0.0
-    lse_emu = (lse[seen] - emu_lse[seen]).abs().max().item() if seen.any() else 0.0
-    record(group, rel_l1=m["rel_l1"], cos=m["cos"], emu_rel_l1=e["rel_l1"],
-           vs_emu=ve["rel_l1"], lse_err=lse_ref)
-    assert m["finite"] and torch.isfinite(lse[seen]).all(), "non-finite output"
-    assert ve["rel_l1"] <= VS_EMU[acc], ("kernel vs emulator", ve)
-    assert m["rel_l1"] <= e["rel_l1"] * 1.05 + 1e-3, ("kernel vs reference", m, e)
-    assert m["cos"] >= e["cos"] - 5e-5, ("kernel vs reference", m, e)
-    assert lse_emu <= LSE_VS_EMU and lse_ref <= LSE_VS_REF, (lse_emu, lse_ref)
-    return out, lse
+def check(record, group, q, k, v, acc="fp32+fp16", **kw):
+    """The sm89 entry point against its emulator and the reference (fp8_checks.check_call)."""
+    return check_call(record, group, _CALL, emulate.sm89_attention, VS_EMU[acc], q, k, v, acc=acc, **kw)
 
 
 # ---- acceptance --------------------------------------------------------------------------

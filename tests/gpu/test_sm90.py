@@ -26,33 +26,23 @@ Bounds:
 """
 
 import math
-import os
 
 import pytest
 import torch
 
 import sageattn
 from sageattn import emulate, ops, reference
-from test_sm89 import make
+from fp8_checks import LENGTHS, LSE_VS_REF, check_call, make, maybe_compiled
 
 pytestmark = pytest.mark.gpu
 
 MODES = ("fp32+fp32", "fp32")
 VS_EMU = {"fp32+fp32": 1e-3, "fp32": 1e-2}     # rel-L1 kernel vs emulator
-LSE_VS_EMU = 2e-3                              # max |LSE_kernel - LSE_emulator|
-LSE_VS_REF = 0.06                              # max |LSE_kernel - LSE_reference|
 ISSUE_REL_L1, ISSUE_COS = 0.035, 0.9993        # issue 3's accuracy bound on the outlier input
-LENGTHS = (1, 63, 65, 127, 129, 1000, 4097)
 
 # The entry point arrives with the sm90 kernel; until then every test here skips.
 sm90 = getattr(sageattn, "sageattn_qk_int8_pv_fp8_cuda_sm90", None)
-_CALL = sm90
-if sm90 is not None and os.environ.get("SAGEATTN_TEST_TORCH_COMPILE", "") not in ("", "0"):
-    for _name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                  "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, _name):
-            setattr(torch._dynamo.config, _name, 100_000)
-    _CALL = torch.compile(sm90, fullgraph=True, dynamic=True)
+_CALL = maybe_compiled(sm90) if sm90 is not None else None
 
 
 @pytest.fixture(autouse=True)
@@ -68,33 +58,9 @@ def sm90_device():
         pytest.skip(f"the sm90 path does not run here: {report['reason']}")
 
 
-def check(record, group, q, k, v, layout="HND", causal=False, gran="per_thread",
-          acc="fp32+fp32", smooth_k=True, smooth_v=False, sm_scale=None):
-    """Run the kernel, the emulator and the reference on one input; assert and record."""
-    kw = dict(tensor_layout=layout, is_causal=causal, sm_scale=sm_scale)
-    cfg = dict(qk_quant_gran=gran, pv_accum_dtype=acc, smooth_k=smooth_k, smooth_v=smooth_v)
-    saved = [x.clone() for x in (q, k, v)]
-    out, lse = _CALL(q, k, v, return_lse=True, **cfg, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(saved, (q, k, v))), "inputs modified"
-    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
-    assert out.device == q.device and lse.dtype == torch.float32
-    assert lse.shape == (out.shape[0], q.shape[1 if layout == "HND" else 2],
-                         q.shape[2 if layout == "HND" else 1])
-    emu, emu_lse = emulate.sm90_attention(q, k, v, return_lse=True, **cfg, **kw)
-    ref, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
-    m, e, ve = reference.compare(out, ref), reference.compare(emu, ref), reference.compare(out, emu)
-    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "LSE -inf rows differ"
-    seen = torch.isfinite(ref_lse)
-    lse_ref = (lse[seen] - ref_lse[seen]).abs().max().item() if seen.any() else 0.0
-    lse_emu = (lse[seen] - emu_lse[seen]).abs().max().item() if seen.any() else 0.0
-    record(group, rel_l1=m["rel_l1"], cos=m["cos"], emu_rel_l1=e["rel_l1"],
-           vs_emu=ve["rel_l1"], lse_err=lse_ref)
-    assert m["finite"] and torch.isfinite(lse[seen]).all(), "non-finite output"
-    assert ve["rel_l1"] <= VS_EMU[acc], ("kernel vs emulator", ve)
-    assert m["rel_l1"] <= e["rel_l1"] * 1.05 + VS_EMU[acc], ("kernel vs reference", m, e)
-    assert m["cos"] >= e["cos"] - 5e-5, ("kernel vs reference", m, e)
-    assert lse_emu <= LSE_VS_EMU and lse_ref <= LSE_VS_REF, (lse_emu, lse_ref)
-    return out, lse
+def check(record, group, q, k, v, acc="fp32+fp32", **kw):
+    """The sm90 entry point against its emulator and the reference (fp8_checks.check_call)."""
+    return check_call(record, group, _CALL, emulate.sm90_attention, VS_EMU[acc], q, k, v, acc=acc, **kw)
 
 
 # ---- acceptance --------------------------------------------------------------------------
