@@ -37,7 +37,7 @@ import torch
 import sageattn
 from sageattn import emulate, emulate_fp4, ops, reference
 from sageattn.ops_fp4 import sm120_attend, sm120_convert, sm120_quantize
-from fp8_checks import LENGTHS, make
+from path_checks import LENGTHS, make
 
 pytestmark = pytest.mark.gpu
 

@@ -11,7 +11,6 @@ Bounds:
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -19,70 +18,22 @@ import torch
 import sageattn
 from sageattn import emulate, ops, reference
 from sageattn import sageattn_qk_int8_pv_fp16_cuda as sm80
+from path_checks import LENGTHS, LSE_VS_REF, check_call, make, maybe_compiled
 
 pytestmark = pytest.mark.gpu
 
 # rel-L1 of kernel vs emulator; measured on the H100 (2026-11-23): at most 7.1e-5.
 VS_EMU = {"fp32": 5e-4, "fp16+fp32": 5e-4}
-LSE_VS_EMU = 2e-3                              # max |LSE_kernel - LSE_emulator|
-LSE_VS_REF = 0.06                              # max |LSE_kernel - LSE_reference|
 ACCEPT_REL_L1, ACCEPT_COS = 0.012, 0.9999
-LENGTHS = (1, 63, 65, 127, 129, 1000, 4097)
 
 # SAGEATTN_TEST_TORCH_COMPILE=1 runs every checked call through torch.compile(fullgraph=True).
-_CALL = sm80
-if os.environ.get("SAGEATTN_TEST_TORCH_COMPILE", "") not in ("", "0"):
-    # Each head dim, dtype and flag combination is a new graph (sm_scale is a float, which
-    # dynamo specializes on): allow the hundreds this file makes.
-    for _name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                  "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, _name):
-            setattr(torch._dynamo.config, _name, 100_000)
-    _CALL = torch.compile(sm80, fullgraph=True, dynamic=True)
+_CALL = maybe_compiled(sm80)
 
 
-def make(B=1, H=2, Sq=256, Sk=None, D=128, dtype=torch.bfloat16, Hkv=None, outlier=True,
-         seed=0, layout="HND"):
-    """q, k, v ~ N(0, 1) on the GPU; ``outlier``: K plus a per-channel bias 4*N(0, 1)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    Sk, Hkv = Sk or Sq, Hkv or H
-    q = torch.randn(B, H, Sq, D, generator=g, device="cuda")
-    k = torch.randn(B, Hkv, Sk, D, generator=g, device="cuda")
-    v = torch.randn(B, Hkv, Sk, D, generator=g, device="cuda")
-    if outlier:
-        k = k + 4 * torch.randn(B, Hkv, 1, D, generator=g, device="cuda")
-    out = [x.to(dtype) for x in (q, k, v)]
-    if layout == "NHD":
-        out = [x.transpose(1, 2).contiguous() for x in out]
-    return tuple(out)
-
-
-def check(record, group, q, k, v, layout="HND", causal=False, gran="per_thread", acc="fp32",
-          smooth_k=True, sm_scale=None):
-    """Run the kernel, the emulator and the reference on one input; assert and record."""
-    kw = dict(tensor_layout=layout, is_causal=causal, sm_scale=sm_scale)
-    saved = [x.clone() for x in (q, k, v)]
-    out, lse = _CALL(q, k, v, qk_quant_gran=gran, pv_accum_dtype=acc, smooth_k=smooth_k,
-                     return_lse=True, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(saved, (q, k, v))), "inputs modified"
-    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
-    assert out.device == q.device and lse.dtype == torch.float32
-    emu, emu_lse = emulate.sm80_attention(q, k, v, qk_quant_gran=gran, pv_accum_dtype=acc,
-                                          smooth_k=smooth_k, return_lse=True, **kw)
-    ref, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
-    m, e, ve = reference.compare(out, ref), reference.compare(emu, ref), reference.compare(out, emu)
-    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "LSE -inf rows differ"
-    seen = torch.isfinite(ref_lse)
-    lse_ref = (lse[seen] - ref_lse[seen]).abs().max().item() if seen.any() else 0.0
-    lse_emu = (lse[seen] - emu_lse[seen]).abs().max().item() if seen.any() else 0.0
-    record(group, rel_l1=m["rel_l1"], cos=m["cos"], emu_rel_l1=e["rel_l1"],
-           vs_emu=ve["rel_l1"], lse_err=lse_ref)
-    assert m["finite"] and torch.isfinite(lse[seen]).all(), "non-finite output"
-    assert ve["rel_l1"] <= VS_EMU[acc], ("kernel vs emulator", ve)
-    assert m["rel_l1"] <= e["rel_l1"] * 1.05 + 5e-4, ("kernel vs reference", m, e)
-    assert m["cos"] >= e["cos"] - 2e-5, ("kernel vs reference", m, e)
-    assert lse_emu <= LSE_VS_EMU and lse_ref <= LSE_VS_REF, (lse_emu, lse_ref)
-    return out, lse
+def check(record, group, q, k, v, acc="fp32", **kw):
+    """The sm80 entry point against its emulator and the reference (path_checks.check_call)."""
+    return check_call(record, group, _CALL, emulate.sm80_attention, VS_EMU[acc], q, k, v, acc=acc,
+                      ref_margin=5e-4, cos_margin=2e-5, **kw)
 
 
 # ---- acceptance --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import sageattn
 from sageattn import emulate, ops, reference
 from sageattn import sageattn_qk_int8_pv_fp8_cuda as sm89
-from fp8_checks import LENGTHS, LSE_VS_REF, check_call, make, maybe_compiled
+from path_checks import LENGTHS, LSE_VS_REF, check_call, make, maybe_compiled
 
 pytestmark = pytest.mark.gpu
 
@@ -54,7 +54,7 @@ def sm89_device(monkeypatch):
 
 
 def check(record, group, q, k, v, acc="fp32+fp16", **kw):
-    """The sm89 entry point against its emulator and the reference (fp8_checks.check_call)."""
+    """The sm89 entry point against its emulator and the reference (path_checks.check_call)."""
     return check_call(record, group, _CALL, emulate.sm89_attention, VS_EMU[acc], q, k, v, acc=acc, **kw)
 
 

@@ -32,7 +32,7 @@ import torch
 
 import sageattn
 from sageattn import emulate, ops, reference
-from fp8_checks import LENGTHS, LSE_VS_REF, check_call, make, maybe_compiled
+from path_checks import LENGTHS, LSE_VS_REF, check_call, make, maybe_compiled
 
 pytestmark = pytest.mark.gpu
 
@@ -59,7 +59,7 @@ def sm90_device():
 
 
 def check(record, group, q, k, v, acc="fp32+fp32", **kw):
-    """The sm90 entry point against its emulator and the reference (fp8_checks.check_call)."""
+    """The sm90 entry point against its emulator and the reference (path_checks.check_call)."""
     return check_call(record, group, _CALL, emulate.sm90_attention, VS_EMU[acc], q, k, v, acc=acc, **kw)
 
 
