@@ -55,7 +55,8 @@ def sm89_device(monkeypatch):
 
 def check(record, group, q, k, v, acc="fp32+fp16", **kw):
     """The sm89 entry point against its emulator and the reference (path_checks.check_call)."""
-    return check_call(record, group, _CALL, emulate.sm89_attention, VS_EMU[acc], q, k, v, acc=acc, **kw)
+    return check_call(record, group, _CALL, emulate.sm89_attention, VS_EMU[acc], q, k, v,
+                      acc=acc, **kw)
 
 
 # ---- acceptance --------------------------------------------------------------------------

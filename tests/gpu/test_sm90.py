@@ -60,7 +60,8 @@ def sm90_device():
 
 def check(record, group, q, k, v, acc="fp32+fp32", **kw):
     """The sm90 entry point against its emulator and the reference (path_checks.check_call)."""
-    return check_call(record, group, _CALL, emulate.sm90_attention, VS_EMU[acc], q, k, v, acc=acc, **kw)
+    return check_call(record, group, _CALL, emulate.sm90_attention, VS_EMU[acc], q, k, v,
+                      acc=acc, **kw)
 
 
 # ---- acceptance --------------------------------------------------------------------------
