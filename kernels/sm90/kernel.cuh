@@ -294,7 +294,11 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   // The K scales of entry i's two 64-key blocks (this thread's slot): staged by the producer
   // (block-sparse), or loaded here a step ahead of their use (a global load's latency would
   // otherwise stall the softmax).
-  const float* k_scales = reinterpret_cast<const float*>(p.k_scale) + static_cast<long long>(bhk) * p.k_blocks * 4 + lane % 4;
+  // The K scale rows of this head, as an index from the parameter (no 64-bit pointer held
+  // across the loop: registers are short with three consumers; the buffer holds 4 floats per
+  // 64 keys per head, far below 2^31).
+  const int k_scale_row = (bhk * p.k_blocks) * 4 + lane % 4;
+  const auto k_scales = [&](int i) { return reinterpret_cast<const float*>(p.k_scale)[static_cast<long long>(k_scale_row) + i]; };
   const auto step_scales = [&](int i, u32 entry, float (&scale)[2]) {
     if constexpr (kBlockSparse) {
       const u32 at = scale_info + 32u * (i % T::kStages) + 4u * (lane % 4);
@@ -302,8 +306,8 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
       scale[1] = __uint_as_float(ld_shared_u32(at + 16u));
     } else {
       const int kb = 2 * static_cast<int>(entry);  // the step's first 64-key quantizer block
-      scale[0] = k_scales[kb * 4];
-      scale[1] = kb + 1 < p.k_blocks ? k_scales[(kb + 1) * 4] : 0.f;
+      scale[0] = k_scales(kb * 4);
+      scale[1] = kb + 1 < p.k_blocks ? k_scales((kb + 1) * 4) : 0.f;
     }
   };
   // Scores of a step -> probabilities (fp32, scaled by 448) in place, and the rows' rescale.
