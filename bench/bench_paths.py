@@ -37,7 +37,6 @@ Blackwell consumer GPUs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sageattn
 from sageattn import ops
+from sageattn.__main__ import _time_ms  # the CUDA-event timer of `python -m sageattn`
 
 # ---- timing (the one code path every method goes through) ---------------------------------
 
@@ -57,24 +57,9 @@ def median_ms(fn, warmup_ms: float, rep_ms: float) -> tuple[float, str]:
     try:
         from triton.testing import do_bench
     except ImportError:
-        return _events_ms(fn), "CUDA events"
+        return _time_ms(fn, iters=30), "CUDA events"
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")), \
         "triton do_bench"
-
-
-def _events_ms(fn, warmup=5, iters=30) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
 
 
 def tops(batch, heads, S, D, causal, ms) -> float:

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_files import REPO, load_file
+
 HEADER = REPO / "kernels" / "common" / "params.h"
 
 
 def _source_abi():
     # The checkout's _abi.py, loaded by path: the header is generated from this file.
-    spec = importlib.util.spec_from_file_location("_sageattn_abi_source", REPO / "src" / "sageattn" / "_abi.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("_sageattn_abi_source", "src/sageattn/_abi.py")
 
 
 def test_params_header_is_current():

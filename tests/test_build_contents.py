@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_files import load_file
 
 
 @functools.cache
@@ -32,12 +32,7 @@ def _manifest() -> dict:
 
 @functools.cache
 def _kernel_table():
-    path = REPO / "tools" / "kernel_table.py"
-    spec = importlib.util.spec_from_file_location("_sageattn_kernel_table", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look the module up
-    spec.loader.exec_module(module)
-    return module
+    return load_file("_sageattn_kernel_table", "tools/kernel_table.py")
 
 
 @functools.cache

@@ -3,26 +3,16 @@ the NVRTC + nvFatbin toolchain on a small source (where the libraries are instal
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_files import REPO, load_file
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bk = _load("_sageattn_build_kernels", REPO / "tools" / "build_kernels.py")
-table = _load("_sageattn_kernel_table", REPO / "tools" / "kernel_table.py")
+bk = load_file("_sageattn_build_kernels", "tools/build_kernels.py")
+table = load_file("_sageattn_kernel_table", "tools/kernel_table.py")
 
 
 @pytest.mark.parametrize("name, virtual, code", [
@@ -83,7 +73,7 @@ extern "C" __global__ void __launch_bounds__(64) fill(const __grid_constant__ P 
 
 
 def _nvrtc_or_skip():
-    nv = _load("_sageattn_nvrtc", REPO / "tools" / "nvrtc_toolchain.py")
+    nv = load_file("_sageattn_nvrtc", "tools/nvrtc_toolchain.py")
     try:
         return nv.Nvrtc(bk.NVRTC_FLAGS)
     except (FileNotFoundError, OSError) as e:

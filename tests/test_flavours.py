@@ -3,7 +3,6 @@ verification, build_info() and the detection of two sageattn distributions shado
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,18 +13,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_files import REPO, load_file
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-flavours = _load("_sageattn_flavours", REPO / "tools" / "flavours.py")
+flavours = load_file("_sageattn_flavours", "tools/flavours.py")
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
@@ -96,7 +87,7 @@ def test_verify_accepts_the_installed_kernels():
     kernels = _installed_kernels()
     manifest = json.loads((kernels / "manifest.json").read_text())
     if manifest.get("arch_filter") is None and set(manifest["trees"]) != {
-            t.name for t in _load("_sageattn_kernel_table", REPO / "tools" / "kernel_table.py").TREES}:
+            t.name for t in load_file("_sageattn_kernel_table", "tools/kernel_table.py").TREES}:
         pytest.skip("the installed kernels come from another kernel table")
     proc = _verify(kernels, manifest.get("flavour"))
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -2,22 +2,15 @@
 K/V halves run with return_lse=True and merged match one full call (the GPU run is in
 tests/gpu/test_integration.py)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from sageattn import emulate
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lse_merge.py"
+from repo_files import load_file
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("lse_merge_example", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file("lse_merge_example", "examples/lse_merge.py")
 
 
 @pytest.mark.parametrize("Hkv", [2, 1])

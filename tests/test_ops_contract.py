@@ -14,27 +14,18 @@ two shows up as a wrong result.
 """
 
 import ctypes
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from sageattn import _abi, _loader, dispatch, emulate, ops
-
-ROOT = Path(__file__).resolve().parents[1]
+from repo_files import load_file
 
 
 def _kernel_table():
-    name = "_sageattn_tools_kernel_table"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "kernel_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod      # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file("_sageattn_tools_kernel_table", "tools/kernel_table.py")
 
 
 class Memory:

@@ -1,5 +1,5 @@
 """Torch-side execution: the ``sageattn::attention`` custom op and the launch sequences of the
-sm80 and sm89 trees.
+INT8-QK trees (sm80, sm89, sm90; the FP4 tree's is in ops_fp4.py).
 
 ``attention`` is what the public API calls with validated arguments. In eager mode it runs
 the implementation directly; while ``torch.compile`` traces (or for tensor subclasses such
@@ -18,6 +18,8 @@ code. Per call (docs/ARCHITECTURE.md, "kernel table"), all on
 * sm89: optional ``sm89_channel_stats`` on K (mean), ``sm89_channel_stats`` on V (min/max,
   and mean with ``smooth_v``), one fused quantize launch (Q, K to INT8, V to a transposed
   E4M3 tile), one attention launch.
+* sm90: the sm89 sequence (its quantizer, compiled for sm_90a), then the attention kernel with
+  three tensor maps over the quantized operands, encoded per call.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import torch
 from . import _abi, _loader, dispatch
 
 __all__ = ["attention", "sm80_forward", "sm89_forward", "sm90_forward", "kernel_names",
-           "sm80_kernel_names", "sm89_kernel_names", "sm90_kernel_names", "attention_kernel_only", "quantized_operands", "ALWAYS_USE_OP",
-           "POISON"]
+           "sm80_kernel_names", "sm89_kernel_names", "sm90_kernel_names",
+           "attention_kernel_only", "quantized_operands", "ALWAYS_USE_OP", "POISON"]
 
 ALWAYS_USE_OP = False
 # Debug aid: fill every buffer the kernels should write (temporaries, out, lse) with NaN
