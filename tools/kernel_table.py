@@ -19,7 +19,7 @@ class Kernel:
     call: str            # C++ expression run by the wrapper, with `p` the params
     threads: int
     min_blocks: int = 1  # __launch_bounds__ minimum CTAs per SM (caps registers)
-    q_rows: int = 0      # attention: query rows per CTA (grid.x = q_blocks * 128 / q_rows)
+    q_rows: int = 0      # attention: query rows per CTA (grid.x = ceil(q_blocks * 128 / q_rows))
     smem: int = 0        # dynamic shared memory bytes (static_assert-ed against the traits)
     smem_expr: str = ""  # C++ constant expression that must equal `smem`
     head_dim: int = 0
@@ -99,14 +99,17 @@ def _sm90_kernels():
                                       ("acc32x32", "fp32+fp32", "kBlockFp32", False),
                                       ("acc32x32_sparse", "fp32+fp32", "kBlockFp32", True)):
         for hd in (64, 128):
+            # Dense hd64 kernels run three consumer warpgroups (192 query rows per CTA), the
+            # others two (128): kernels/sm90/kernel.cuh kConsumersOf.
+            consumers = 3 if hd == 64 and not sparse else 2
             rows.append(Kernel(
                 f"sm90_qkint8_pvfp8_{acc_tag}_hd{hd}", "attention", "Sm90AttnParams",
                 f"sageattn::sm90::attention<{hd}, sageattn::PvAccum::{cxx}, {str(sparse).lower()}>(p)",
-                threads=384, min_blocks=1, q_rows=128,
-                # align slack + Q 128*hd + 4 stages of (K 128*hd + V^T 128*hd) + 13 mbarriers
-                # + a step entry and 8 K scales per stage
-                smem=1024 + 128 * hd + 4 * 256 * hd + 104 + 16 + 128,
-                smem_expr=f"sageattn::sm90::Traits<{hd}>::kSmemBytes",
+                threads=128 * (1 + consumers), min_blocks=1, q_rows=64 * consumers,
+                # align slack + Q 64*consumers*hd + 4 stages of (K 128*hd + V^T 128*hd)
+                # + 13 mbarriers + a step entry and 8 K scales per stage
+                smem=1024 + 64 * consumers * hd + 4 * 256 * hd + 104 + 16 + 128,
+                smem_expr=f"sageattn::sm90::Traits<{hd}, {consumers}>::kSmemBytes",
                 head_dim=hd, pv_accum=acc))
     return tuple(rows)
 

@@ -99,13 +99,18 @@ __device__ __forceinline__ void pack_p_e4m3(u32 (&a)[T::kKTiles / 4][4], const f
     }
 }
 
-/// Grid (q_blocks, Hq, B), T::kThreads threads, T::kSmemBytes dynamic shared memory.
-/// kBlockSparse: walk p.block_mask (the producer hands the kept steps to the consumers through
-/// shared memory); dense kernels keep the plain step loop (NOTES.md sm90 v7: the step list cost
-/// dense calls 8%).
+/// Consumer warpgroups of a kernel: three for dense hd64 (192-row CTAs), else two. Block-sparse
+/// kernels keep 128-row CTAs, one block-mask row each.
+template <int kHeadDim, bool kBlockSparse>
+constexpr int kConsumersOf = kHeadDim == 64 && !kBlockSparse ? 3 : 2;
+
+/// Grid (ceil(q_blocks * 128 / T::kBlockQ), Hq, B), T::kThreads threads, T::kSmemBytes dynamic
+/// shared memory. kBlockSparse: walk p.block_mask (the producer hands the kept steps to the
+/// consumers through shared memory); dense kernels keep the plain step loop (NOTES.md sm90 v7:
+/// the step list cost dense calls 8%).
 template <int kHeadDim, PvAccum kAccum, bool kBlockSparse>
 __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
-  using T = Traits<kHeadDim>;
+  using T = Traits<kHeadDim, kConsumersOf<kHeadDim, kBlockSparse>>;
   static_assert(kAccum == PvAccum::kDirect || kAccum == PvAccum::kBlockFp32, "fp32 accumulation only");
   const AttnParams& p = params.attn;
   extern __shared__ char smem_raw[];
@@ -122,7 +127,8 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const auto stage_v = [&](int s) { return stage_k(s) + T::kKBytes; };
 
   // Causal: the last query blocks see the most keys; launch them first.
-  const int cta = p.causal ? p.q_blocks - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int n_ctas = T::kBlockQ == kQBlockRows ? p.q_blocks : static_cast<int>(gridDim.x);
+  const int cta = p.causal ? n_ctas - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
   const int h = blockIdx.y, b = blockIdx.z;
   const int hkv = h / (p.heads_q / p.heads_kv);
   const SeqSpan q_span = seq_span(p.cu_seqlens_q, b, p.seq_q);
@@ -228,10 +234,18 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   warpgroup_claim_registers<T::kConsumerRegs>();
   const int consumer = wg - 1;
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-  const int slot_warp = consumer * 4 + warp;  // the quantizer's warp slot of these 16 rows
-  const int row0 = q0 + 16 * slot_warp + lane / 4;
-  const float q_scale = reinterpret_cast<const float*>(p.q_scale)[(static_cast<long long>(bhq) * p.q_blocks + cta) * 64 +
-                                                                 slot_warp * 8 + lane / 4];
+  const int warp_q0 = q0 + 16 * (consumer * 4 + warp);  // this warp's 16 rows
+  const int row0 = warp_q0 + lane / 4;
+  // The quantizer's block of those rows and their warp slot in it.
+  constexpr bool kWholeBlock = T::kBlockQ == kQBlockRows;  // the CTA is one quantizer block
+  const int q_block = kWholeBlock ? cta : warp_q0 / kQBlockRows;
+  const int slot_warp = kWholeBlock ? consumer * 4 + warp : (warp_q0 % kQBlockRows) / 16;
+  // Rows past the last block (a 192-row CTA's tail) have no scale: their Q rows read as zeros
+  // and are never written.
+  const float q_scale =
+      (kWholeBlock || q_block < p.q_blocks) ? reinterpret_cast<const float*>(p.q_scale)[(static_cast<long long>(bhq) * p.q_blocks + q_block) * 64 +
+                                                                      slot_warp * 8 + lane / 4]
+                           : 0.f;
   const u32 q_rows = smem_q + static_cast<u32>(consumer) * 64 * kHeadDim;
 
   float o[T::kOTiles][4];
@@ -280,7 +294,11 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   // The K scales of entry i's two 64-key blocks (this thread's slot): staged by the producer
   // (block-sparse), or loaded here a step ahead of their use (a global load's latency would
   // otherwise stall the softmax).
-  const float* k_scales = reinterpret_cast<const float*>(p.k_scale) + static_cast<long long>(bhk) * p.k_blocks * 4 + lane % 4;
+  // The K scale rows of this head, as an index from the parameter (no 64-bit pointer held
+  // across the loop: registers are short with three consumers; the buffer holds 4 floats per
+  // 64 keys per head, far below 2^31).
+  const int k_scale_row = (bhk * p.k_blocks) * 4 + lane % 4;
+  const auto k_scales = [&](int i) { return reinterpret_cast<const float*>(p.k_scale)[static_cast<long long>(k_scale_row) + i]; };
   const auto step_scales = [&](int i, u32 entry, float (&scale)[2]) {
     if constexpr (kBlockSparse) {
       const u32 at = scale_info + 32u * (i % T::kStages) + 4u * (lane % 4);
@@ -288,8 +306,8 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
       scale[1] = __uint_as_float(ld_shared_u32(at + 16u));
     } else {
       const int kb = 2 * static_cast<int>(entry);  // the step's first 64-key quantizer block
-      scale[0] = k_scales[kb * 4];
-      scale[1] = kb + 1 < p.k_blocks ? k_scales[(kb + 1) * 4] : 0.f;
+      scale[0] = k_scales(kb * 4);
+      scale[1] = kb + 1 < p.k_blocks ? k_scales((kb + 1) * 4) : 0.f;
     }
   };
   // Scores of a step -> probabilities (fp32, scaled by 448) in place, and the rows' rescale.
@@ -308,11 +326,12 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   };
 
   // Ping-pong (FlashAttention-3 §3.1): the consumers take turns issuing their matrix products
-  // (named barriers 1 and 2), so one's softmax runs while the other's products occupy the
-  // tensor cores. Consumer 1 hands consumer 0 the first turn; consumer 0 takes back the extra
-  // arrival after its loop, so both barriers end balanced (both see the same entries).
-  const int my_turn = 1 + consumer, their_turn = 2 - consumer;
-  if (consumer == 1) named_barrier_arrive(their_turn, 256);
+  // (named barrier 1 + c is consumer c's turn, handed on to the next consumer in a ring), so one
+  // consumer's softmax runs while the others' products occupy the tensor cores. The last
+  // consumer hands consumer 0 the first turn; consumer 0 takes back the extra arrival after its
+  // loop, so every barrier ends balanced (all consumers see the same entries).
+  const int my_turn = 1 + consumer, their_turn = consumer + 1 < T::kConsumers ? my_turn + 1 : 1;
+  if (consumer == T::kConsumers - 1) named_barrier_arrive(their_turn, 256);
   float k_scale[2];
   if (!kBlockSparse && n_steps > 0) step_scales(0, 0u, k_scale);  // in flight while K lands
   u32 entry = next_entry(0);
@@ -394,10 +413,13 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const float* col_bias = p.v_mean != 0 ? reinterpret_cast<const float*>(p.v_mean) + static_cast<long long>(bhk) * kHeadDim
                                         : nullptr;
   // Stage slots `entries` and `entries + 1` (mod kStages) held steps entries-4 and entries-3 (or
-  // nothing, or the sparse end marker, whose tile area no copy writes): both consumers and all
-  // copies are done with them, while the other consumer's last products may still read the
-  // latest two. Each consumer stages its output in one of them.
-  const u32 staging = stage_k((entries + consumer) % T::kStages) + static_cast<u32>(warp) * 32 * kHeadDim;
+  // nothing, or the sparse end marker, whose tile area no copy writes): every consumer waited
+  // for its products of those steps before its last turn, and all copies are done, while the
+  // other consumers' last products may still read the latest two. A slot holds two consumers'
+  // output rows (4 warps x 16 rows x kHeadDim x 2 bytes each).
+  static_assert(T::kStageBytes == 2 * 4 * 32 * kHeadDim && T::kConsumers <= 4, "two consumers per slot");
+  const u32 staging = stage_k((entries + (T::kConsumers == 2 ? consumer : consumer / 2)) % T::kStages) +
+                      static_cast<u32>((T::kConsumers == 2 ? 0 : (consumer % 2) * 4) + warp) * 32 * kHeadDim;
   store_output<T>(p, rows, o, st, kLog2PScale, col_scale, col_bias, row0, lane,
                   smem_raw + (staging - smem_addr(smem_raw)));
   }

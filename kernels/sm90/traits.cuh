@@ -7,21 +7,25 @@
 namespace sageattn {
 namespace sm90 {
 
-template <int kHeadDim_>
+template <int kHeadDim_, int kConsumers_ = 2>
 struct Traits {
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "native head dims");
-  // One CTA = one quantizer Q block (128 rows): a producer warpgroup (copies) and two consumer
-  // warpgroups of 64 rows each (wgmma's M); warp w of the CTA's consumers is the quantizer's warp
-  // slot w, so Q's per-thread scales line up with the wgmma accumulator rows.
-  static constexpr int kBlockQ = kQBlockRows;
-  static constexpr int kConsumers = 2;
+  // A producer warpgroup (copies) and kConsumers consumer warpgroups of 64 query rows each
+  // (wgmma's M). Two consumers: one CTA = one quantizer Q block (128 rows). Three (hd64, where a
+  // warpgroup's softmax outlasts its products: NOTES.md sm90 v11): 192 rows, a block and a half.
+  // Each consumer warp's 16 rows lie in one quantizer block, whose per-thread Q scale slots line
+  // up with the wgmma accumulator rows.
+  static constexpr int kConsumers = kConsumers_;
+  static_assert(kConsumers == 2 || (kConsumers == 3 && kHeadDim == 64), "2 consumers, or 3 at hd64");
+  static constexpr int kBlockQ = 64 * kConsumers;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kBlockK = 2 * kKBlockRows;  // keys per step: the wgmma N of QK^T
   // S(t+1) is issued while step t is still in flight, so a step's copy must land while the step
   // before it computes: 4 stages (NOTES.md sm90 v6: 2, 3, 4 stages = 649, 833, 847 TOPS).
   static constexpr int kStages = 4;
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128 * (24 + 2 * 240) <= 64K
+  static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 2 ? 240 : 160;
+  static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "the register file");
 
   static constexpr int kKTiles = kBlockK / 8;   // m16n8 score tiles per warp per step
   static constexpr int kOTiles = kHeadDim / 8;  // m16n8 output tiles per warp

@@ -253,11 +253,12 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k), block_mask=_ptr(block_mask),
             mask_stride_b=mask_strides[0], mask_stride_h=mask_strides[1],
             mask_stride_q=mask_strides[2], mask_stride_k=mask_strides[3])
-        # One CTA per q_rows query rows (from the manifest; 128 = a whole quantization block).
-        if tensor_maps:
-            p = _sm90_params(p, q_i8, k_i8, v8)
+        # One CTA per q_rows query rows (from the manifest; 128 = a whole quantization block,
+        # 192 = a block and a half: the sm90 hd64 kernels).
         q_rows = attn_kernel.q_rows or _Q_BLOCK
-        grid = (q_blocks * (_Q_BLOCK // q_rows), Hq, B)
+        if tensor_maps:
+            p = _sm90_params(p, q_i8, k_i8, v8, q_rows)
+        grid = (-(-q_blocks * _Q_BLOCK // q_rows), Hq, B)
         if kernel_only:
             buffers = (q_i8, q_scale, k_i8, k_scale, v16, v8, v_scale, v_mean, lse_corr)
             return lambda: _launch_current(attn_kernel, ordinal, grid, p, dev, out, buffers)
@@ -280,15 +281,16 @@ def _tensor_map(x: torch.Tensor, dims: tuple, box: tuple, swizzle: int) -> _abi.
     return _abi.TensorMap.from_buffer_copy(raw)
 
 
-def _sm90_params(p: _abi.AttnParams, q_i8, k_i8, v8) -> _abi.Sm90AttnParams:
-    """AttnParams plus the tensor maps of the sm90 kernel's copies: a 128-row Q block, a 128-key
-    K step (rows past the buffer read as zeros), and a step's two V^T blocks of 64 keys."""
-    B, Hq, q_rows, d_pad = q_i8.shape
+def _sm90_params(p: _abi.AttnParams, q_i8, k_i8, v8, q_rows: int) -> _abi.Sm90AttnParams:
+    """AttnParams plus the tensor maps of the sm90 kernel's copies: the CTA's ``q_rows`` Q rows,
+    a 128-key K step (rows past the buffer read as zeros), and a step's two V^T blocks of 64
+    keys."""
+    B, Hq, q_buffer_rows, d_pad = q_i8.shape
     Hkv, k_rows = k_i8.shape[1], k_i8.shape[2]
     k_blocks = v8.shape[2]
     swizzle = _TMAP_SWIZZLE[d_pad]
     return _abi.Sm90AttnParams(
-        tmap_q=_tensor_map(q_i8, (d_pad, q_rows, B * Hq), (d_pad, 128, 1), swizzle),
+        tmap_q=_tensor_map(q_i8, (d_pad, q_buffer_rows, B * Hq), (d_pad, q_rows, 1), swizzle),
         tmap_k=_tensor_map(k_i8, (d_pad, k_rows, B * Hkv), (d_pad, 128, 1), swizzle),
         tmap_v=_tensor_map(v8, (_K_BLOCK, d_pad, k_blocks, B * Hkv), (_K_BLOCK, d_pad, 2, 1),
                            _TMAP_SWIZZLE[64]),
