@@ -394,6 +394,25 @@ def test_kernel_names_refuse_other_paths_modes():
         ops.kernel_names("sm80", 64, "fp32+fp16")
 
 
+def test_sm90_kernel_choice_matches_the_table():
+    # Dense non-causal "fp32+fp32" hd128 calls take the 192-row kernel (3 consumers); causal,
+    # block-sparse and "fp32" calls the 128-row ones; hd64 kernels are 192-row either way.
+    rows = {k.name: k for t in _kernel_table().TREES if t.name == "sm90" for k in t.kernels}
+    cases = {(128, "fp32+fp32", False, False): ("acc32x32_q192_hd128", 192),
+             (128, "fp32+fp32", False, True): ("acc32x32_hd128", 128),
+             (128, "fp32+fp32", True, False): ("acc32x32_sparse_hd128", 128),
+             (128, "fp32", False, False): ("acc32_hd128", 128),
+             (64, "fp32+fp32", False, False): ("acc32x32_hd64", 192),
+             (64, "fp32+fp32", False, True): ("acc32x32_hd64", 192),
+             (64, "fp32+fp32", True, True): ("acc32x32_sparse_hd64", 128)}
+    for (D, acc, sparse, causal), (tag, q_rows) in cases.items():
+        name = ops.sm90_kernel_names(D, acc, sparse, causal)[-1]
+        assert name == f"sm90_qkint8_pvfp8_{tag}", (D, acc, sparse, causal, name)
+        assert rows[name].q_rows == q_rows and rows[name].threads == 128 + 2 * q_rows
+    assert ops.kernel_names("sm90", 128, "fp32+fp32")[-1].endswith("_q192_hd128")
+    assert ops.kernel_names("sm90", 128, "fp32+fp32", is_causal=True)[-1].endswith("x32_hd128")
+
+
 @pytest.mark.parametrize("D", [1, 36, 64, 72, 128])
 @pytest.mark.parametrize("tree", TREES)
 def test_head_dims(fake_ext, tree, D):

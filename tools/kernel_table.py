@@ -94,17 +94,19 @@ def _sm90_kernels():
             f"sm90_quantize_qk_int8_v_fp8_hd{hd}", "quantize", "QuantParams",
             f"sageattn::quantize_qk_int8_v_fp8<{hd}>(p)", threads=256, head_dim=hd))
     # "fp32+fp32": each 128-key step's PV from zero in the wgmma accumulator, added to O
-    # (two-level); "fp32": the wgmma accumulates into O directly.
-    for acc_tag, acc, cxx, sparse in (("acc32", "fp32", "kDirect", False),
-                                      ("acc32x32", "fp32+fp32", "kBlockFp32", False),
-                                      ("acc32x32_sparse", "fp32+fp32", "kBlockFp32", True)):
-        for hd in (64, 128):
-            # Dense hd64 kernels run three consumer warpgroups (192 query rows per CTA), the
-            # others two (128): kernels/sm90/kernel.cuh kConsumersOf.
-            consumers = 3 if hd == 64 and not sparse else 2
+    # (two-level); "fp32": the wgmma accumulates into O directly. Consumer warpgroups (64 query
+    # rows each): three for dense hd64 kernels and for the "_q192" hd128 kernel non-causal calls
+    # take (in-order steps, NOTES.md sm90 v12), two elsewhere (kernels/sm90/traits.cuh).
+    for acc_tag, acc, cxx, sparse, hds in (("acc32", "fp32", "kDirect", False, (64, 128)),
+                                           ("acc32x32", "fp32+fp32", "kBlockFp32", False, (64, 128)),
+                                           ("acc32x32_q192", "fp32+fp32", "kBlockFp32", False, (128,)),
+                                           ("acc32x32_sparse", "fp32+fp32", "kBlockFp32", True, (64, 128))):
+        for hd in hds:
+            consumers = 3 if (hd == 64 and not sparse) or acc_tag.endswith("_q192") else 2
             rows.append(Kernel(
                 f"sm90_qkint8_pvfp8_{acc_tag}_hd{hd}", "attention", "Sm90AttnParams",
-                f"sageattn::sm90::attention<{hd}, sageattn::PvAccum::{cxx}, {str(sparse).lower()}>(p)",
+                f"sageattn::sm90::attention<{hd}, sageattn::PvAccum::{cxx}, {str(sparse).lower()}, "
+                f"{consumers}>(p)",
                 threads=128 * (1 + consumers), min_blocks=1, q_rows=64 * consumers,
                 # align slack + Q 64*consumers*hd + 4 stages of (K 128*hd + V^T 128*hd)
                 # + 13 mbarriers + a step entry and 8 K scales per stage

@@ -99,18 +99,15 @@ __device__ __forceinline__ void pack_p_e4m3(u32 (&a)[T::kKTiles / 4][4], const f
     }
 }
 
-/// Consumer warpgroups of a kernel: three for dense hd64 (192-row CTAs), else two. Block-sparse
-/// kernels keep 128-row CTAs, one block-mask row each.
-template <int kHeadDim, bool kBlockSparse>
-constexpr int kConsumersOf = kHeadDim == 64 && !kBlockSparse ? 3 : 2;
-
 /// Grid (ceil(q_blocks * 128 / T::kBlockQ), Hq, B), T::kThreads threads, T::kSmemBytes dynamic
-/// shared memory. kBlockSparse: walk p.block_mask (the producer hands the kept steps to the
+/// shared memory; kConsumers compute warpgroups (Traits; the kernel table picks 3 for dense
+/// hd64 and for the hd128 kernel of non-causal calls). kBlockSparse: walk p.block_mask (the producer hands the kept steps to the
 /// consumers through shared memory); dense kernels keep the plain step loop (NOTES.md sm90 v7:
 /// the step list cost dense calls 8%).
-template <int kHeadDim, PvAccum kAccum, bool kBlockSparse>
+template <int kHeadDim, PvAccum kAccum, bool kBlockSparse, int kConsumers>
 __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
-  using T = Traits<kHeadDim, kConsumersOf<kHeadDim, kBlockSparse>>;
+  using T = Traits<kHeadDim, kConsumers>;
+  static_assert(!kBlockSparse || kConsumers == 2, "block-sparse CTAs are one mask row: 128 query rows");
   static_assert(kAccum == PvAccum::kDirect || kAccum == PvAccum::kBlockFp32, "fp32 accumulation only");
   const AttnParams& p = params.attn;
   extern __shared__ char smem_raw[];
@@ -329,14 +326,58 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   // (named barrier 1 + c is consumer c's turn, handed on to the next consumer in a ring), so one
   // consumer's softmax runs while the others' products occupy the tensor cores. The last
   // consumer hands consumer 0 the first turn; consumer 0 takes back the extra arrival after its
-  // loop, so every barrier ends balanced (all consumers see the same entries).
+  // loop, so every barrier ends balanced (all consumers see the same entries). In-order
+  // consumers (T::kTurns false) issue without turns.
   const int my_turn = 1 + consumer, their_turn = consumer + 1 < T::kConsumers ? my_turn + 1 : 1;
-  if (consumer == T::kConsumers - 1) named_barrier_arrive(their_turn, 256);
+  const auto take_turn = [&]() { if (T::kTurns) named_barrier_sync(my_turn, 256); };
+  const auto pass_turn = [&]() { if (T::kTurns) named_barrier_arrive(their_turn, 256); };
+  if (T::kTurns && consumer == T::kConsumers - 1) named_barrier_arrive(their_turn, 256);
   float k_scale[2];
   if (!kBlockSparse && n_steps > 0) step_scales(0, 0u, k_scale);  // in flight while K lands
   u32 entry = next_entry(0);
   int entries = 0;  // ring entries this consumer read (kept steps)
-  if (entry != kEndOfSteps) {
+  if constexpr (!T::kOverlap) {
+    // In order (three consumers at hd128: no registers for a second score tile): S(i), its
+    // softmax, then P(i) V(i); the other consumers' products and softmaxes fill the gaps. The
+    // accumulators live only inside the step, so the P V block reuses the score tile's
+    // registers.
+    int i = 0;
+    for (; entry != kEndOfSteps; ++i) {
+      int acc[T::kKTiles][4];
+      if (i == 0) mbar_wait(q_full, 0);
+      if (kBlockSparse) step_scales(i, entry, k_scale);
+      issue_qk(i, acc);
+      float k_scale_next[2];  // dense: the next step's K scales load under this step
+      if (!kBlockSparse && i + 1 < n_steps) step_scales(i + 1, static_cast<u32>(i + 1), k_scale_next);
+      wgmma_wait<0>();
+      fence_registers(acc);
+      u32 pa[T::kKTiles / 4][4];
+      float rescale[2];
+      {
+        float sc[T::kKTiles][4];
+        softmax(entry, acc, k_scale, sc, rescale);
+        pack_p_e4m3<T>(pa, sc);
+      }
+      if constexpr (kAccum == PvAccum::kBlockFp32) {
+        float blk[T::kOTiles][4];
+        issue_pv(i, pa, blk, true);
+        rescale_rows<T::kOTiles>(o, rescale);  // under the product
+        wgmma_wait<0>();
+        fence_registers(blk);
+        add_block<T::kOTiles>(o, blk);
+      } else {
+        rescale_rows<T::kOTiles>(o, rescale);
+        fence_registers(o);
+        issue_pv(i, pa, o, false);
+        wgmma_wait<0>();
+        fence_registers(o);
+      }
+      if (lane == 0) mbar_arrive(kv_free(i % T::kStages));
+      entry = next_entry(i + 1);
+      if (!kBlockSparse) k_scale[0] = k_scale_next[0], k_scale[1] = k_scale_next[1];
+    }
+    entries = i;
+  } else if (entry != kEndOfSteps) {
     mbar_wait(q_full, 0);
     int acc[T::kKTiles][4];
     float sc[T::kKTiles][4];
@@ -344,9 +385,9 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     float blk[T::kOTiles][4];  // "fp32+fp32": one step's P V
     float rescale[2];
     if (kBlockSparse) step_scales(0, entry, k_scale);
-    named_barrier_sync(my_turn, 256);
+    take_turn();
     issue_qk(0, acc);
-    named_barrier_arrive(their_turn, 256);
+    pass_turn();
     wgmma_wait<0>();
     fence_registers(acc);
     softmax(entry, acc, k_scale, sc, rescale);
@@ -385,10 +426,10 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
       if (entry == kEndOfSteps) break;
       step_scales(i + 1, entry, k_scale);
       direct_rescale();
-      named_barrier_sync(my_turn, 256);
+      take_turn();
       issue_qk(i + 1, acc);
       pv_step(i, pa);
-      named_barrier_arrive(their_turn, 256);
+      pass_turn();
       float rescale_next[2];
       wgmma_wait<1>();  // S(i+1) is done; P(i) V(i) may still run (groups retire in order)
       fence_registers(acc);
@@ -399,14 +440,17 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
       rescale[0] = rescale_next[0], rescale[1] = rescale_next[1];
     }
     direct_rescale();
-    named_barrier_sync(my_turn, 256);
+    take_turn();
     pv_step(i, pa);
-    named_barrier_arrive(their_turn, 256);
+    pass_turn();
     wgmma_wait<0>();
     finish_pv(i);
     entries = i + 1;
   }
-  if (consumer == 0) named_barrier_sync(my_turn, 256);
+  if (T::kTurns && consumer == 0) named_barrier_sync(my_turn, 256);
+  // Without turns nothing bounds how far the consumers drift apart: all must be done with the
+  // ring before any stages its output there.
+  if (!T::kTurns) named_barrier_sync(1, 128 * T::kConsumers);
 
   const OutputRows rows = output_rows(p, b, h, q_span, bhq);
   const float* col_scale = reinterpret_cast<const float*>(p.v_scale) + static_cast<long long>(bhk) * kHeadDim;

@@ -12,12 +12,18 @@ struct Traits {
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "native head dims");
   // A producer warpgroup (copies) and kConsumers consumer warpgroups of 64 query rows each
-  // (wgmma's M). Two consumers: one CTA = one quantizer Q block (128 rows). Three (hd64, where a
-  // warpgroup's softmax outlasts its products: NOTES.md sm90 v11): 192 rows, a block and a half.
-  // Each consumer warp's 16 rows lie in one quantizer block, whose per-thread Q scale slots line
-  // up with the wgmma accumulator rows.
+  // (wgmma's M). Two consumers: one CTA = one quantizer Q block (128 rows). Three: 192 rows, a
+  // block and a half (NOTES.md sm90 v11-v12: a warpgroup's softmax outlasts its products, so a
+  // third hides more of it). Each consumer warp's 16 rows lie in one quantizer block, whose
+  // per-thread Q scale slots line up with the wgmma accumulator rows.
   static constexpr int kConsumers = kConsumers_;
-  static_assert(kConsumers == 2 || (kConsumers == 3 && kHeadDim == 64), "2 consumers, or 3 at hd64");
+  static_assert(kConsumers == 2 || kConsumers == 3, "2 or 3 consumers");
+  // Intra-warpgroup overlap (S(t+1) issued with P(t)V(t)) holds a second score tile, for which
+  // 160 registers (three consumers) leave no room at hd128: there each step runs in order.
+  static constexpr bool kOverlap = kConsumers == 2 || kHeadDim == 64;
+  // Overlapping consumers take turns issuing their products (ping-pong); in-order consumers
+  // issue freely (v12: turns cost them 7-13%).
+  static constexpr bool kTurns = kOverlap;
   static constexpr int kBlockQ = 64 * kConsumers;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kBlockK = 2 * kKBlockRows;  // keys per step: the wgmma N of QK^T

@@ -354,10 +354,10 @@ class Explanation(dict):
 
 
 def explain(device=None, *, path: Optional[str] = None, head_dim: int = 128,
-            qk_quant_gran: Optional[str] = None, pv_accum_dtype: Optional[str] = None
-            ) -> Explanation:
-    """Which path (and kernel, for ``head_dim``) a call on ``device`` runs, and why, plus
-    which trees and architectures the installed package carries.
+            qk_quant_gran: Optional[str] = None, pv_accum_dtype: Optional[str] = None,
+            is_causal: bool = False) -> Explanation:
+    """Which path (and kernel, for a dense call with ``head_dim`` and ``is_causal``) a call on
+    ``device`` runs, and why, plus which trees and architectures the installed package carries.
 
     ``device``: None (current CUDA device), an index, "cuda:N", a torch.device or a tensor.
     Never raises for a missing or unsupported GPU: the report says so in "reason".
@@ -388,7 +388,7 @@ def explain(device=None, *, path: Optional[str] = None, head_dim: int = 128,
     from .ops import kernel_names
 
     try:
-        names = kernel_names(choice.path, head_dim, config.get("pv_accum_dtype"))
+        names = kernel_names(choice.path, head_dim, config.get("pv_accum_dtype"), is_causal)
     except ValueError as exc:        # a pv_accum_dtype the path does not offer
         report["reason"] = f"{choice.reason}; {exc}"
         return report
