@@ -71,10 +71,10 @@ def sm120_quantize(q, k, v, *, tensor_layout: str = "HND", sm_scale: float,
             else None)
         if smooth_k:
             _channel_stats(stats, ordinal, stream, kh, (B, Hkv, Sk), ks, D, d_pad, dtype_code,
-                           mean=k_mean)
+                           mean=_ptr(k_mean))
         if q_seq_mean is not None:
             _channel_stats(stats, ordinal, stream, qh, (B, Hq, Sq), qs, D, d_pad, dtype_code,
-                           mean=q_seq_mean)
+                           mean=_ptr(q_seq_mean))
         p = _abi.QuantFp4Params(
             q=qh.data_ptr(), q_stride_b=qs[0], q_stride_h=qs[1], q_stride_s=qs[2],
             k=kh.data_ptr(), k_stride_b=ks[0], k_stride_h=ks[1], k_stride_s=ks[2],
