@@ -6,7 +6,7 @@
 
 namespace sageattn {
 
-constexpr unsigned kAbiVersion = 5;
+constexpr unsigned kAbiVersion = 6;
 constexpr int kDtypeFp16 = 0;
 constexpr int kDtypeBf16 = 1;
 constexpr int kGranPerThread = 0;
@@ -229,7 +229,10 @@ struct Sm90AttnParams {
   TensorMap tmap_k;
   TensorMap tmap_v;
   AttnParams attn;
-  unsigned char _pad0[32];
+  int q_source_dtype;
+  int q_granularity;
+  float q_scale_log2e;
+  unsigned char _pad0[20];
 };
 static_assert(sizeof(Sm90AttnParams) == 640, "ABI");
 #if !defined(__CUDACC_RTC__)
@@ -237,7 +240,10 @@ static_assert(__builtin_offsetof(Sm90AttnParams, tmap_q) == 0, "ABI");
 static_assert(__builtin_offsetof(Sm90AttnParams, tmap_k) == 128, "ABI");
 static_assert(__builtin_offsetof(Sm90AttnParams, tmap_v) == 256, "ABI");
 static_assert(__builtin_offsetof(Sm90AttnParams, attn) == 384, "ABI");
-static_assert(__builtin_offsetof(Sm90AttnParams, _pad0) == 608, "ABI");
+static_assert(__builtin_offsetof(Sm90AttnParams, q_source_dtype) == 608, "ABI");
+static_assert(__builtin_offsetof(Sm90AttnParams, q_granularity) == 612, "ABI");
+static_assert(__builtin_offsetof(Sm90AttnParams, q_scale_log2e) == 616, "ABI");
+static_assert(__builtin_offsetof(Sm90AttnParams, _pad0) == 620, "ABI");
 #endif
 
 struct QuantFp4Params {

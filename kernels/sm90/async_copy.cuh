@@ -86,6 +86,12 @@ __device__ __forceinline__ void warpgroup_claim_registers() {
 }
 
 /// @brief Barrier over the `threads` threads (a multiple of 32) that use named barrier `id`.
+/// @brief Order this thread's earlier generic-proxy shared-memory stores before later
+/// async-proxy reads (wgmma operands written with st.shared).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }

@@ -99,6 +99,66 @@ __device__ __forceinline__ void pack_p_e4m3(u32 (&a)[T::kKTiles / 4][4], const f
     }
 }
 
+/// @brief Quantize one warp's 16 rows of the caller's Q (16-bit, `src`: kHeadDim x 2 bytes per
+/// row) to INT8 in the warpgroup's 64-row tile `dst` (K-major, the copy engine's 128B / 64B
+/// swizzle), exactly as quantize_q_block does (kernels/common/quantize.cuh: same lanes, scale
+/// groups and rounding). Returns this thread's Q scale (rows lane/4 and lane/4 + 8), times
+/// `scale_log2e`.
+template <class T>
+__device__ __forceinline__ float quantize_q_rows(const char* src, char* dst, int warp, int lane, bool is_bf16,
+                                                 bool per_warp, float scale_log2e) {
+  constexpr int kHeadDim = T::kHeadDim;
+  using G = WarpRows<kHeadDim, 16>;
+  const int chunk = lane % G::kLanesPerRow, row_in_pass = lane / G::kLanesPerRow;
+  uint4 raw[G::kPasses];
+#pragma unroll
+  for (int i = 0; i < G::kPasses; ++i)
+    raw[i] = *reinterpret_cast<const uint4*>(src + (i * G::kRowsPerPass + row_in_pass) * kHeadDim * 2 + chunk * 16);
+  float row_amax[G::kPasses];
+#pragma unroll
+  for (int i = 0; i < G::kPasses; ++i) {
+    float x[8];
+    bits8_to_float(raw[i], is_bf16, x);
+    float m = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(x[e]));
+    row_amax[i] = max_over_row_lanes<G::kLanesPerRow>(m);
+  }
+  constexpr int kGroups = G::kPasses / 2;  // pass i holds row r, pass i + kGroups row r + 8
+  float group_amax[kGroups];
+  float warp_amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < kGroups; ++i) {
+    group_amax[i] = fmaxf(row_amax[i], row_amax[i + kGroups]);
+    warp_amax = fmaxf(warp_amax, group_amax[i]);
+  }
+#pragma unroll
+  for (int o = G::kLanesPerRow; o < 32; o <<= 1) warp_amax = fmaxf(warp_amax, __shfl_xor_sync(0xffffffffu, warp_amax, o));
+  constexpr u32 kSwizzleRows = kHeadDim == 128 ? 7u : 3u;  // 128B / 64B: address bits 7.. into 4..
+#pragma unroll
+  for (int i = 0; i < G::kPasses; ++i) {
+    const float amax = per_warp ? warp_amax : group_amax[i % kGroups];
+    const float inv = inverse_int8_scale(amax);
+    float x[8];
+    bits8_to_float(raw[i], is_bf16, x);
+    u32 w[2] = {0u, 0u};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) w[e / 4] |= (static_cast<u32>(quantize_int8(x[e] * inv)) & 0xffu) << (8 * (e % 4));
+    const u32 offset = static_cast<u32>((warp * 16 + i * G::kRowsPerPass + row_in_pass) * kHeadDim + chunk * 8);
+    *reinterpret_cast<uint2*>(dst + (offset ^ (((offset >> 7) & kSwizzleRows) << 4))) = make_uint2(w[0], w[1]);
+  }
+  // This thread's group lane/4 lives in pass (lane/4) / kRowsPerPass of the lanes whose first
+  // row is (lane/4) % kRowsPerPass.
+  const int group = lane / 4, holder = (group % G::kRowsPerPass) * G::kLanesPerRow;
+  float amax = warp_amax;
+#pragma unroll
+  for (int i = 0; i < kGroups; ++i) {
+    const float a = __shfl_sync(0xffffffffu, group_amax[i], holder);
+    if (!per_warp && i == group / G::kRowsPerPass) amax = a;
+  }
+  return (amax / 127.f) * scale_log2e;
+}
+
 /// Grid (ceil(q_blocks * 128 / T::kBlockQ), Hq, B), T::kThreads threads, T::kSmemBytes dynamic
 /// shared memory; kConsumers compute warpgroups (Traits; the kernel table picks 3 for dense
 /// hd64 and for the hd128 kernel of non-causal calls). kBlockSparse: walk p.block_mask (the producer hands the kept steps to the
@@ -112,7 +172,9 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const AttnParams& p = params.attn;
   extern __shared__ char smem_raw[];
   const u32 smem_q = (smem_addr(smem_raw) + 1023u) & ~1023u;
-  const u32 smem_stages = smem_q + T::kQBytes;
+  const u32 smem_q_source = smem_q + T::kQBytes;
+  const u32 smem_stages = smem_q_source + T::kQSourceBytes;
+  const bool q_from_source = params.q_source_dtype >= 0;  // quantize Q here (dense kernels only)
   const u32 bars = smem_stages + T::kStages * T::kStageBytes;
   const u32 q_full = bars;
   const auto k_full = [&](int s) { return bars + 8u * (1 + s); };
@@ -159,8 +221,13 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     if (!kBlockSparse && threadIdx.x == 0 && n_steps > 0) {
       prefetch_tensor_map(&params.tmap_k);
       prefetch_tensor_map(&params.tmap_v);
-      mbar_arrive_expect_tx(q_full, T::kQBytes);
-      tma_load_3d(smem_q, &params.tmap_q, q_full, 0, q0, bhq);
+      if (q_from_source) {
+        mbar_arrive_expect_tx(q_full, T::kQSourceBytes);
+        tma_load_4d(smem_q_source, &params.tmap_q, q_full, 0, q0, h, b);
+      } else {
+        mbar_arrive_expect_tx(q_full, T::kQBytes);
+        tma_load_3d(smem_q, &params.tmap_q, q_full, 0, q0, bhq);
+      }
       for (int t = 0; t < n_steps; ++t) {
         const int s = t % T::kStages;
         if (t >= T::kStages) mbar_wait(kv_free(s), ((t / T::kStages) - 1) & 1);
@@ -238,11 +305,12 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const int q_block = kWholeBlock ? cta : warp_q0 / kQBlockRows;
   const int slot_warp = kWholeBlock ? consumer * 4 + warp : (warp_q0 % kQBlockRows) / 16;
   // Rows past the last block (a 192-row CTA's tail) have no scale: their Q rows read as zeros
-  // and are never written.
-  const float q_scale =
-      (kWholeBlock || q_block < p.q_blocks) ? reinterpret_cast<const float*>(p.q_scale)[(static_cast<long long>(bhq) * p.q_blocks + q_block) * 64 +
-                                                                      slot_warp * 8 + lane / 4]
-                           : 0.f;
+  // and are never written. With the Q source, the scale comes from quantizing it below.
+  float q_scale =
+      (!q_from_source && (kWholeBlock || q_block < p.q_blocks))
+          ? reinterpret_cast<const float*>(p.q_scale)[(static_cast<long long>(bhq) * p.q_blocks + q_block) * 64 +
+                                                      slot_warp * 8 + lane / 4]
+          : 0.f;
   const u32 q_rows = smem_q + static_cast<u32>(consumer) * 64 * kHeadDim;
 
   float o[T::kOTiles][4];
@@ -335,6 +403,18 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   float k_scale[2];
   if (!kBlockSparse && n_steps > 0) step_scales(0, 0u, k_scale);  // in flight while K lands
   u32 entry = next_entry(0);
+  if (!kBlockSparse && q_from_source && entry != kEndOfSteps) {
+    // Each warp quantizes its 16 rows into the INT8 Q tile as the quantizer's Q job would; the
+    // warpgroup's products read all 64 rows, so it syncs (after making the generic-proxy stores
+    // visible to wgmma's async proxy).
+    mbar_wait(q_full, 0);
+    q_scale = quantize_q_rows<T>(smem_raw + (smem_q_source - smem_addr(smem_raw)) + (consumer * 64 + warp * 16) * kHeadDim * 2,
+                                 smem_raw + (q_rows - smem_addr(smem_raw)), warp, lane,
+                                 params.q_source_dtype == kDtypeBf16, params.q_granularity == kGranPerWarp,
+                                 params.q_scale_log2e);
+    fence_proxy_async_shared();
+    named_barrier_sync(4 + consumer, 128);
+  }
   int entries = 0;  // ring entries this consumer read (kept steps)
   if constexpr (!T::kOverlap) {
     // In order (three consumers at hd128: no registers for a second score tile): S(i), its

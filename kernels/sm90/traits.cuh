@@ -44,14 +44,18 @@ struct Traits {
   static constexpr u32 kVBlockBytes = kHeadDim * kKBlockRows;
 
   static constexpr int kQBytes = kBlockQ * kHeadDim;
+  // The caller's 16-bit Q rows, unswizzled, when the kernel quantizes Q itself
+  // (Sm90AttnParams::q_source_dtype >= 0).
+  static constexpr int kQSourceBytes = 2 * kBlockQ * kHeadDim;
   static constexpr int kKBytes = kBlockK * kHeadDim;
   static constexpr int kVBytes = kBlockK * kHeadDim;
   static constexpr int kStageBytes = kKBytes + kVBytes;
   static constexpr int kBarriers = 1 + 3 * kStages;  // Q full; K full, V full, K/V free per stage
-  // [align slack][Q][stage 0: K V]...[barriers][step entry per stage][8 K scales per stage];
-  // tiles on 1024-byte boundaries (the 128B swizzle's period), which every size above is a
-  // multiple of.
-  static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + 8 * kBarriers + 4 * kStages + 32 * kStages;
+  // [align slack][Q][Q source][stage 0: K V]...[barriers][step entry per stage][8 K scales per
+  // stage]; tiles on 1024-byte boundaries (the 128B swizzle's period), which every size above
+  // is a multiple of.
+  static constexpr int kSmemBytes =
+      1024 + kQBytes + kQSourceBytes + kStages * kStageBytes + 8 * kBarriers + 4 * kStages + 32 * kStages;
 };
 
 }  // namespace sm90

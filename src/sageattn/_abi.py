@@ -18,7 +18,7 @@ import ctypes
 import sys
 
 # Bump whenever a struct below changes.
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 # Codes shared by Python and the kernels.
 DTYPE_FP16 = 0
@@ -126,12 +126,19 @@ class TensorMap(ctypes.Structure):
 class Sm90AttnParams(ctypes.Structure):
     """The sm90 tree's attention kernel: AttnParams plus tensor maps over the quantized operands
     (docs/ARCHITECTURE.md: Q int8 (D_pad, q_blocks*128, B*Hq), K int8 (D_pad, k_blocks*64, B*Hkv),
-    V^T e4m3 (64, D_pad, k_blocks, B*Hkv), innermost first)."""
+    V^T e4m3 (64, D_pad, k_blocks, B*Hkv), innermost first).
+
+    ``q_source_dtype`` >= 0 (DTYPE_*): ``tmap_q`` maps the caller's 16-bit Q instead, (D, Sq, Hq,
+    B), and the kernel quantizes it as the quantizer's Q jobs would (``q_granularity``,
+    ``q_scale_log2e`` = sm_scale * log2(e)); ``attn.q_int8`` and ``attn.q_scale`` are unused."""
 
     _fields_ = [
         ("tmap_q", TensorMap), ("tmap_k", TensorMap), ("tmap_v", TensorMap),
         ("attn", AttnParams),
-        ("_pad0", ctypes.c_uint8 * (-(3 * 128 + ctypes.sizeof(AttnParams)) % 64)),
+        ("q_source_dtype", _i32),  # -1: Q int8 from the quantizer; else DTYPE_* of Q itself
+        ("q_granularity", _i32),   # GRAN_* (with q_source_dtype >= 0)
+        ("q_scale_log2e", _f32),   # sm_scale * log2(e) (with q_source_dtype >= 0)
+        ("_pad0", ctypes.c_uint8 * (-(3 * 128 + ctypes.sizeof(AttnParams) + 12) % 64)),
     ]
 
 

@@ -35,12 +35,17 @@ from . import _abi, _loader, dispatch
 
 __all__ = ["attention", "sm80_forward", "sm89_forward", "sm90_forward", "kernel_names",
            "sm80_kernel_names", "sm89_kernel_names", "sm90_kernel_names",
-           "attention_kernel_only", "quantized_operands", "ALWAYS_USE_OP", "POISON"]
+           "attention_kernel_only", "quantized_operands", "ALWAYS_USE_OP", "POISON",
+           "SM90_QUANTIZE_Q_IN_KERNEL"]
 
 ALWAYS_USE_OP = False
 # Debug aid: fill every buffer the kernels should write (temporaries, out, lse) with NaN
 # (int8: -128, which the quantizer never produces) before launching.
 POISON = os.environ.get("SAGEATTN_DEBUG_POISON", "") not in ("", "0")
+# The sm90 kernel quantizes Q itself where it can (dense call, head dim 64 or 128, 16-byte
+# aligned Q, no LSE correction to compute): the quantize launch then skips Q's round trip
+# through memory. False: always the quantizer's Q (tests compare the two bit for bit).
+SM90_QUANTIZE_Q_IN_KERNEL = True
 
 _DTYPE_CODE = {torch.float16: _abi.DTYPE_FP16, torch.bfloat16: _abi.DTYPE_BF16}
 _GRAN_CODE = {"per_thread": _abi.GRAN_PER_THREAD, "per_warp": _abi.GRAN_PER_WARP}
@@ -235,9 +240,15 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             lse_strides = (0, q.shape[0])
         fp8_v = fp8_pv is not None
         v_stat = ((B, Hkv, d_pad), f32) if fp8_v else None
+        vec_q = _vectorized(qh, qs, D)
+        # Q quantized inside the sm90 kernel: no Q jobs in the quantize launch, no Q buffers.
+        q_in_kernel = (tensor_maps and SM90_QUANTIZE_Q_IN_KERNEL and varlen is None
+                       and block_mask is None and D == d_pad and vec_q and not smooth_lse
+                       and not kernel_only and not quantize_only)
+        q_spec = None if q_in_kernel else ((B, Hq, q_blocks * _Q_BLOCK, d_pad), torch.int8)
         scratch = _Scratch(dev, {
-            "q_int8": ((B, Hq, q_blocks * _Q_BLOCK, d_pad), torch.int8),
-            "q_scale": ((B, Hq, q_blocks, 64), f32),
+            "q_int8": q_spec,
+            "q_scale": None if q_in_kernel else ((B, Hq, q_blocks, 64), f32),
             "k_int8": ((B, Hkv, k_blocks * _K_BLOCK, d_pad), torch.int8),
             "k_scale": ((B, Hkv, k_blocks, 4), f32),
             "k_mean": ((B, Hkv, d_pad), f32) if smooth_k else None,
@@ -264,15 +275,15 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             k_int8=scratch["k_int8"], k_scale=scratch["k_scale"], v_fp16=scratch["v_fp16"],
             lse_correction=scratch["lse_correction"],
             batch=B, heads_q=Hq, heads_kv=Hkv, seq_q=Sq, seq_k=Sk, head_dim=D,
-            head_dim_padded=d_pad, q_blocks=q_blocks, k_blocks=k_blocks, in_dtype=dtype_code,
-            granularity=_GRAN_CODE[qk_quant_gran], vec_q=_vectorized(qh, qs, D),
+            head_dim_padded=d_pad, q_blocks=0 if q_in_kernel else q_blocks, k_blocks=k_blocks,
+            in_dtype=dtype_code, granularity=_GRAN_CODE[qk_quant_gran], vec_q=vec_q,
             vec_k=_vectorized(kh, ks, D), vec_v=_vectorized(vh, vs, D),
             sm_scale=sm_scale, sm_scale_log2e=sm_scale * _LOG2E,
             v_fp8=scratch["v_fp8"], v_scale=scratch["v_scale"], v_mean=v_mean, v_min=v_min,
             v_max=v_max, v_scale_max=fp8_pv[0] if fp8_v else 0.0,
             cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k))
-        _launch(quant_kernel, ordinal, (B * Hq * q_blocks + 2 * B * Hkv * k_blocks, 1, 1), p,
-                stream)
+        q_jobs = 0 if q_in_kernel else B * Hq * q_blocks
+        _launch(quant_kernel, ordinal, (q_jobs + 2 * B * Hkv * k_blocks, 1, 1), p, stream)
         if quantize_only:
             return {name: scratch.view(name) for name in _Scratch.NAMES}
 
@@ -295,7 +306,10 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
         # 192 = a block and a half: the three-consumer sm90 kernels).
         q_rows = attn_kernel.q_rows or _Q_BLOCK
         if tensor_maps:
-            p = _sm90_params(p, scratch, (B, Hq, Hkv, q_blocks, k_blocks, d_pad), q_rows)
+            q_source = (qh, qs, dtype_code, _GRAN_CODE[qk_quant_gran], sm_scale * _LOG2E) \
+                if q_in_kernel else None
+            p = _sm90_params(p, scratch, (B, Hq, Hkv, q_blocks, k_blocks, d_pad), q_rows,
+                             q_source)
         grid = (-(-q_blocks * _Q_BLOCK // q_rows), Hq, B)
         if kernel_only:
             return lambda: _launch_current(attn_kernel, ordinal, grid, p, dev, out, scratch)
@@ -307,22 +321,25 @@ _TMAP_UINT8 = 0                  # CU_TENSOR_MAP_DATA_TYPE_UINT8
 _TMAP_SWIZZLE = {64: 2, 128: 3}  # CU_TENSOR_MAP_SWIZZLE_64B / _128B: one span per int8 row
 
 
-_TMAP_CACHE: dict = {}  # (address, dims, box, swizzle) -> encoded map (bytes)
+_TMAP_CACHE: dict = {}  # (address, dims, box, swizzle, strides, dtype) -> encoded map (bytes)
+_TMAP_UINT16 = 1  # CU_TENSOR_MAP_DATA_TYPE_UINT16: 16-bit elements copied as they are
 
 
-def _tensor_map(address: int, dims: tuple, box: tuple, swizzle: int) -> _abi.TensorMap:
-    """A tensor map over contiguous 1-byte data at ``address`` viewed with ``dims`` (innermost
-    first). A map holds only the address and geometry, so equal keys give equal maps: the
-    caching allocator hands a repeated call the same scratch address, and the encode (a
-    driver call) is skipped."""
-    key = (address, dims, box, swizzle)
+def _tensor_map(address: int, dims: tuple, box: tuple, swizzle: int, strides: tuple = None,
+                dtype: int = _TMAP_UINT8) -> _abi.TensorMap:
+    """A tensor map over the data at ``address`` viewed with ``dims`` (innermost first), byte
+    ``strides`` of dims 1.. (default: contiguous 1-byte elements). A map holds only the address
+    and geometry, so equal keys give equal maps: the caching allocator hands a repeated call the
+    same scratch address, and the encode (a driver call) is skipped."""
+    key = (address, dims, box, swizzle, strides, dtype)
     raw = _TMAP_CACHE.get(key)
     if raw is None:
-        strides, stride = [], 1
-        for d in dims[:-1]:
-            stride *= d
-            strides.append(stride)
-        raw = _loader.ext().encode_tensor_map(_TMAP_UINT8, address, list(dims), strides,
+        if strides is None:
+            strides, stride = [], 1
+            for d in dims[:-1]:
+                stride *= d
+                strides.append(stride)
+        raw = _loader.ext().encode_tensor_map(dtype, address, list(dims), list(strides),
                                               list(box), swizzle)
         if len(_TMAP_CACHE) >= 256:
             _TMAP_CACHE.clear()
@@ -330,21 +347,44 @@ def _tensor_map(address: int, dims: tuple, box: tuple, swizzle: int) -> _abi.Ten
     return _abi.TensorMap.from_buffer_copy(raw)
 
 
-def _sm90_params(p: _abi.AttnParams, scratch: "_Scratch", geometry: tuple,
-                 q_rows: int) -> _abi.Sm90AttnParams:
+def _q_source_map(qh: torch.Tensor, strides: tuple, q_rows: int) -> _abi.TensorMap:
+    """The caller's 16-bit Q, (D, Sq, Hq, B) innermost first, in boxes of one head's ``q_rows``
+    rows (rows past Sq read as zeros). A size-1 dim's stride (0 in ``strides``) is given its
+    contiguous value: the copy engine wants every stride a multiple of 16 bytes."""
+    B, Hq, Sq, D = qh.shape
+    byte_strides, extent = [], 2 * D
+    for n, s in zip((Sq, Hq, B), (strides[2], strides[1], strides[0])):
+        byte_strides.append(2 * s if n > 1 else extent)
+        extent = byte_strides[-1] * n
+    return _tensor_map(qh.data_ptr(), (D, Sq, Hq, B), (D, q_rows, 1, 1), 0,
+                       tuple(byte_strides), _TMAP_UINT16)
+
+
+def _sm90_params(p: _abi.AttnParams, scratch: "_Scratch", geometry: tuple, q_rows: int,
+                 q_source: Optional[tuple]) -> _abi.Sm90AttnParams:
     """AttnParams plus the tensor maps of the sm90 kernel's copies: the CTA's ``q_rows`` Q rows,
     a 128-key K step (rows past the buffer read as zeros), and a step's two V^T blocks of 64
-    keys. ``geometry``: (B, Hq, Hkv, q_blocks, k_blocks, d_pad) of the scratch buffers."""
+    keys. ``geometry``: (B, Hq, Hkv, q_blocks, k_blocks, d_pad) of the scratch buffers.
+    ``q_source``: (Q as HND view, its (b, h, s) strides, dtype code, granularity code,
+    sm_scale * log2(e)) when the kernel quantizes Q itself, else None (the quantizer's Q)."""
     B, Hq, Hkv, q_blocks, k_blocks, d_pad = geometry
     swizzle = _TMAP_SWIZZLE[d_pad]
+    if q_source is None:
+        tmap_q = _tensor_map(scratch["q_int8"], (d_pad, q_blocks * _Q_BLOCK, B * Hq),
+                             (d_pad, q_rows, 1), swizzle)
+        q_fields = dict(q_source_dtype=-1)
+    else:
+        qh, strides, dtype_code, granularity, scale_log2e = q_source
+        tmap_q = _q_source_map(qh, strides, q_rows)
+        q_fields = dict(q_source_dtype=dtype_code, q_granularity=granularity,
+                        q_scale_log2e=scale_log2e)
     return _abi.Sm90AttnParams(
-        tmap_q=_tensor_map(scratch["q_int8"], (d_pad, q_blocks * _Q_BLOCK, B * Hq),
-                           (d_pad, q_rows, 1), swizzle),
+        tmap_q=tmap_q,
         tmap_k=_tensor_map(scratch["k_int8"], (d_pad, k_blocks * _K_BLOCK, B * Hkv),
                            (d_pad, 128, 1), swizzle),
         tmap_v=_tensor_map(scratch["v_fp8"], (_K_BLOCK, d_pad, k_blocks, B * Hkv),
                            (_K_BLOCK, d_pad, 2, 1), _TMAP_SWIZZLE[64]),
-        attn=p)
+        attn=p, **q_fields)
 
 
 def _launch_current(kernel, ordinal, grid, params, dev, out, buffers):

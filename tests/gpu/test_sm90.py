@@ -333,3 +333,75 @@ def test_long_sequence_65k(record):
         m = reference.compare(out[:, :, rows], reference.attention(q[:, :, rows], k, v))
         record("sm90 S=65601 (rows checked vs reference)", rel_l1=m["rel_l1"], cos=m["cos"])
         assert m["finite"] and m["rel_l1"] <= 0.055 and m["cos"] >= 0.998, m
+
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}  # _abi.DTYPE_*
+
+
+def _q_in_kernel_vs_quantizer(monkeypatch, q, k, v, **kw):
+    """The same call with Q quantized inside the kernel and by the quantizer: equal bit for bit
+    (same lanes, scale groups and rounding), and each launch sequence as intended."""
+    launched = []
+    real = ops._launch
+
+    def spy(kernel, device, grid, params, stream):
+        launched.append((kernel.name, grid, getattr(params, "q_source_dtype", None)))
+        real(kernel, device, grid, params, stream)
+
+    monkeypatch.setattr(ops, "_launch", spy)
+    out_kernel = sm90(q, k, v, **kw)
+    quant_grid, q_source = launched[-2][1][0], launched[-1][2]
+    launched.clear()
+    monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", False)
+    out_quantizer = sm90(q, k, v, **kw)
+    assert launched[-1][2] == -1 and launched[-2][1][0] > quant_grid, "Q jobs must run here"
+    return out_kernel, out_quantizer, q_source
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("gran", ["per_thread", "per_warp"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_q_quantized_in_kernel_equals_quantizer(monkeypatch, D, gran, causal, layout, dtype):
+    # Sq = 300: partial 128- and 192-row CTAs; GQA; Sk != Sq.
+    q, k, v = make(B=2, H=4, Hkv=2, Sq=300, Sk=520, D=D, dtype=dtype, layout=layout, seed=D)
+    q = q * 3.0  # rows of varied magnitude across the scale groups
+    out_kernel, out_quantizer, q_source = _q_in_kernel_vs_quantizer(
+        monkeypatch, q, k, v, tensor_layout=layout, is_causal=causal, qk_quant_gran=gran)
+    assert q_source == _DTYPE_CODES[dtype], "the kernel was meant to quantize Q here"
+    assert torch.equal(out_kernel, out_quantizer)
+
+
+
+@pytest.mark.parametrize("case", ["sliced", "one_row", "one_head_batch"])
+def test_q_quantized_in_kernel_strides(monkeypatch, case):
+    # Q as a 16-byte-aligned slice of a wider tensor (strides the copy engine takes as given),
+    # a single query row, and size-1 batch/head dims (their strides are synthesized).
+    if case == "sliced":
+        q, k, v = make(B=2, H=3, Sq=200, Sk=260, D=128)
+        q = torch.cat([q, q], dim=-1)[..., 64:192]
+    elif case == "one_row":
+        q, k, v = make(B=2, H=2, Sq=1, Sk=700, D=64)
+    else:
+        q, k, v = make(B=1, H=1, Sq=390, Sk=390, D=128)
+    out_kernel, out_quantizer, q_source = _q_in_kernel_vs_quantizer(monkeypatch, q, k, v)
+    assert q_source >= 0
+    assert torch.equal(out_kernel, out_quantizer)
+    want = reference.attention(q, k, v)
+    assert (out_kernel.float() - want).abs().sum() / want.abs().sum() < 0.05
+
+
+def test_q_from_the_quantizer_where_the_kernel_cannot(monkeypatch):
+    # Head dim 72 (padded), an LSE with K smoothing (the quantizer's Q jobs compute the LSE
+    # correction) and unaligned Q all keep the quantizer's Q.
+    launched = []
+    real = ops._launch
+    monkeypatch.setattr(ops, "_launch", lambda kernel, device, grid, params, stream: (
+        launched.append(getattr(params, "q_source_dtype", None)), real(kernel, device, grid, params, stream)))
+    q, k, v = make(B=1, H=2, Sq=200, D=72)
+    sm90(q, k, v)
+    q, k, v = make(B=1, H=2, Sq=200, D=128)
+    sm90(q, k, v, return_lse=True)
+    sm90(torch.cat([q, q], dim=-1)[..., 4:132], k, v)
+    assert [x for x in launched if x is not None] == [-1, -1, -1]
