@@ -42,10 +42,13 @@ ALWAYS_USE_OP = False
 # Debug aid: fill every buffer the kernels should write (temporaries, out, lse) with NaN
 # (int8: -128, which the quantizer never produces) before launching.
 POISON = os.environ.get("SAGEATTN_DEBUG_POISON", "") not in ("", "0")
-# The sm90 kernel quantizes Q itself where it can (dense call, head dim 64 or 128, 16-byte
-# aligned Q, no LSE correction to compute): the quantize launch then skips Q's round trip
-# through memory. False: always the quantizer's Q (tests compare the two bit for bit).
-SM90_QUANTIZE_Q_IN_KERNEL = True
+# Whether the sm90 kernel quantizes Q itself (it can for a dense call with head dim 64 or 128,
+# 16-byte aligned Q and no LSE correction to compute): the quantize launch then skips Q's round
+# trip through memory, and each CTA quantizes its rows before its first product. "auto": only
+# where that measured faster, hd128 non-causal (+1-3% whole call at 1k-16k; causal and hd64
+# within +-2%: the per-CTA prologue eats the saving; NOTES.md sm90 v13). True: wherever it can
+# (tests), False: never.
+SM90_QUANTIZE_Q_IN_KERNEL = "auto"
 
 _DTYPE_CODE = {torch.float16: _abi.DTYPE_FP16, torch.bfloat16: _abi.DTYPE_BF16}
 _GRAN_CODE = {"per_thread": _abi.GRAN_PER_THREAD, "per_warp": _abi.GRAN_PER_WARP}
@@ -242,9 +245,11 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
         v_stat = ((B, Hkv, d_pad), f32) if fp8_v else None
         vec_q = _vectorized(qh, qs, D)
         # Q quantized inside the sm90 kernel: no Q jobs in the quantize launch, no Q buffers.
-        q_in_kernel = (tensor_maps and SM90_QUANTIZE_Q_IN_KERNEL and varlen is None
+        policy = SM90_QUANTIZE_Q_IN_KERNEL
+        q_in_kernel = (tensor_maps and policy is not False and varlen is None
                        and block_mask is None and D == d_pad and vec_q and not smooth_lse
-                       and not kernel_only and not quantize_only)
+                       and not kernel_only and not quantize_only
+                       and (policy is True or (d_pad == 128 and not is_causal)))
         q_spec = None if q_in_kernel else ((B, Hq, q_blocks * _Q_BLOCK, d_pad), torch.int8)
         scratch = _Scratch(dev, {
             "q_int8": q_spec,

@@ -349,6 +349,7 @@ def _q_in_kernel_vs_quantizer(monkeypatch, q, k, v, **kw):
         real(kernel, device, grid, params, stream)
 
     monkeypatch.setattr(ops, "_launch", spy)
+    monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", True)  # every kernel, not only the policy's
     out_kernel = sm90(q, k, v, **kw)
     quant_grid, q_source = launched[-2][1][0], launched[-1][2]
     launched.clear()
@@ -395,6 +396,7 @@ def test_q_quantized_in_kernel_strides(monkeypatch, case):
 def test_q_from_the_quantizer_where_the_kernel_cannot(monkeypatch):
     # Head dim 72 (padded), an LSE with K smoothing (the quantizer's Q jobs compute the LSE
     # correction) and unaligned Q all keep the quantizer's Q.
+    monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", True)
     launched = []
     real = ops._launch
     monkeypatch.setattr(ops, "_launch", lambda kernel, device, grid, params, stream: (
@@ -405,3 +407,16 @@ def test_q_from_the_quantizer_where_the_kernel_cannot(monkeypatch):
     sm90(q, k, v, return_lse=True)
     sm90(torch.cat([q, q], dim=-1)[..., 4:132], k, v)
     assert [x for x in launched if x is not None] == [-1, -1, -1]
+
+
+def test_q_in_kernel_policy(monkeypatch):
+    # "auto" (the default): the kernel quantizes Q for hd128 non-causal calls only.
+    monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", "auto")
+    launched = []
+    real = ops._launch
+    monkeypatch.setattr(ops, "_launch", lambda kernel, device, grid, params, stream: (
+        launched.append(getattr(params, "q_source_dtype", None)), real(kernel, device, grid, params, stream)))
+    for D, causal in ((128, False), (128, True), (64, False), (64, True)):
+        q, k, v = make(B=1, H=2, Sq=256, D=D)
+        sm90(q, k, v, is_causal=causal)
+    assert [x for x in launched if x is not None] == [1, -1, -1, -1]
