@@ -21,7 +21,8 @@
 namespace sageattn {
 namespace sm90 {
 
-constexpr float kLog2PScale = 8.807354922057604f;  // log2(448): P scaled into E4M3's range
+constexpr float kLog2PScale = 8.807354922057604f;
+  // log2(448): P scaled into E4M3's range
 
 /// @brief Base-2 scores of a step that needs masking: INT32 accumulators times the thread's Q
 /// scale and the K scale of each 64-key half; keys past the sequence or above the causal
@@ -56,9 +57,9 @@ constexpr u32 kEndOfSteps = kStepMask;
 /// the row max is taken on the unscaled scores of each 64-key half (the scales are >= 0).
 /// Same contract as online_softmax_step: `p` comes out scaled by 2^kLog2PScale.
 template <class T>
-__device__ __forceinline__ void softmax_unmasked_step(const int (&acc)[T::kKTiles][4], float scale_lo, float scale_hi,
-                                                      float (&p)[T::kKTiles][4], RowStats& st, float (&rescale)[2],
-                                                      float log2_p_scale) {
+__device__ __forceinline__ void unmasked_row_max(const int (&acc)[T::kKTiles][4], float scale_lo, float scale_hi,
+                                                 RowStats& st, float (&rescale)[2], float (&shift)[2],
+                                                 float log2_p_scale) {
   constexpr int kHalf = T::kKTiles / 2;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -71,17 +72,36 @@ __device__ __forceinline__ void softmax_unmasked_step(const int (&acc)[T::kKTile
     const float m = quad_max(fmaxf(st.max[r], fmaxf(m_lo * scale_lo, m_hi * scale_hi)));
     rescale[r] = fast_exp2(st.max[r] - m);
     st.max[r] = m;
-    const float shift = log2_p_scale - m;
-    float sum = 0.f;
+    shift[r] = log2_p_scale - m;
+  }
+}
+
+/// @brief The probabilities of score tiles [kFirst, kLast) (p = 2^(acc * scale - shift)), their
+/// sums added to `sum` in tile order.
+template <class T, int kFirst, int kLast>
+__device__ __forceinline__ void unmasked_exp(const int (&acc)[T::kKTiles][4], float scale_lo, float scale_hi,
+                                             const float (&shift)[2], float (&p)[T::kKTiles][4], float (&sum)[2]) {
+  constexpr int kHalf = T::kKTiles / 2;
 #pragma unroll
-    for (int j = 0; j < T::kKTiles; ++j)
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int j = kFirst; j < kLast; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        p[j][2 * r + e] = fast_exp2(fmaf(static_cast<float>(acc[j][2 * r + e]), j < kHalf ? scale_lo : scale_hi, shift));
-        sum += p[j][2 * r + e];
+        p[j][2 * r + e] = fast_exp2(fmaf(static_cast<float>(acc[j][2 * r + e]), j < kHalf ? scale_lo : scale_hi, shift[r]));
+        sum[r] += p[j][2 * r + e];
       }
-    st.sum[r] = st.sum[r] * rescale[r] + sum;
-  }
+}
+
+template <class T>
+__device__ __forceinline__ void softmax_unmasked_step(const int (&acc)[T::kKTiles][4], float scale_lo, float scale_hi,
+                                                      float (&p)[T::kKTiles][4], RowStats& st, float (&rescale)[2],
+                                                      float log2_p_scale) {
+  float shift[2], sum[2] = {0.f, 0.f};
+  unmasked_row_max<T>(acc, scale_lo, scale_hi, st, rescale, shift, log2_p_scale);
+  unmasked_exp<T, 0, T::kKTiles>(acc, scale_lo, scale_hi, shift, p, sum);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) st.sum[r] = st.sum[r] * rescale[r] + sum[r];
 }
 
 /// @brief P (fp32, scaled by 448) -> the E4M3 A fragments of the step's four 32-key products.
@@ -339,21 +359,25 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     wgmma_commit();
   };
   // d (+)= P V of entry i (asynchronous); `fresh`: d starts from zero (two-level accumulation).
-  const auto issue_pv = [&](int i, const u32 (&pa)[T::kKTiles / 4][4], float (&d)[T::kOTiles][4], bool fresh) {
+  // d (+)= P V of entry i's 32-key slices [first, last) (asynchronous, one commit group); the
+  // group holding slice 0 waits for V and, when `fresh`, starts d from zero (two-level).
+  const auto issue_pv = [&](int i, const u32 (&pa)[T::kKTiles / 4][4], float (&d)[T::kOTiles][4], bool fresh,
+                            int first = 0, int last = T::kKTiles / 4) {
     const int s = i % T::kStages;
-    mbar_wait(v_full(s), (i / T::kStages) & 1);
+    if (first == 0) mbar_wait(v_full(s), (i / T::kStages) & 1);
     wgmma_fence();
-    const auto v_desc = [&](int c) {  // 32-key slice c: 64-key block c/2, byte offset 32*(c%2)
-      return kmajor_desc(stage_v(s) + static_cast<u32>(c / 2) * T::kVBlockBytes + 32u * (c % 2), T::kVGroupBytes,
-                         T::kVSwizzle);
-    };
-    if (fresh) {
-      wgmma_pv<kHeadDim, false>(d, pa[0], v_desc(0));
-    } else {
-      wgmma_pv<kHeadDim, true>(d, pa[0], v_desc(0));
-    }
 #pragma unroll
-    for (int c = 1; c < T::kKTiles / 4; ++c) wgmma_pv<kHeadDim, true>(d, pa[c], v_desc(c));
+    for (int c = 0; c < T::kKTiles / 4; ++c) {
+      if (c < first || c >= last) continue;
+      // slice c: 64-key block c/2, byte offset 32*(c%2)
+      const u64 v_desc = kmajor_desc(stage_v(s) + static_cast<u32>(c / 2) * T::kVBlockBytes + 32u * (c % 2),
+                                     T::kVGroupBytes, T::kVSwizzle);
+      if (c == 0 && fresh) {
+        wgmma_pv<kHeadDim, false>(d, pa[c], v_desc);
+      } else {
+        wgmma_pv<kHeadDim, true>(d, pa[c], v_desc);
+      }
+    }
     wgmma_commit();
   };
   // The K scales of entry i's two 64-key blocks (this thread's slot): staged by the producer
@@ -433,24 +457,47 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
       fence_registers(acc);
       u32 pa[T::kKTiles / 4][4];
       float rescale[2];
-      {
-        float sc[T::kKTiles][4];
-        softmax(entry, acc, k_scale, sc, rescale);
-        pack_p_e4m3<T>(pa, sc);
-      }
-      if constexpr (kAccum == PvAccum::kBlockFp32) {
+      if (kAccum == PvAccum::kBlockFp32 && static_cast<int>(entry & kStepMask) < first_masked && (entry >> 30) == 0) {
+        // An unmasked "fp32+fp32" step issues P V in two halves: the first 64 keys' product
+        // runs while the second half's exponentials are computed (NOTES.md sm90 v14: +6-7% at
+        // 2k-4k). The same sums in the same order as softmax_unmasked_step.
         float blk[T::kOTiles][4];
-        issue_pv(i, pa, blk, true);
+        float sc[T::kKTiles][4], shift[2], sum[2] = {0.f, 0.f};
+        const float scale_lo = q_scale * k_scale[0], scale_hi = q_scale * k_scale[1];
+        constexpr int kHalfTiles = T::kKTiles / 2, kHalfSlices = T::kKTiles / 8;
+        unmasked_row_max<T>(acc, scale_lo, scale_hi, st, rescale, shift, kLog2PScale);
+        unmasked_exp<T, 0, kHalfTiles>(acc, scale_lo, scale_hi, shift, sc, sum);
+        pack_p_e4m3<T>(pa, sc);
+        issue_pv(i, pa, blk, true, 0, kHalfSlices);
+        unmasked_exp<T, kHalfTiles, T::kKTiles>(acc, scale_lo, scale_hi, shift, sc, sum);
+        pack_p_e4m3<T>(pa, sc);
+        issue_pv(i, pa, blk, true, kHalfSlices, 2 * kHalfSlices);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) st.sum[r] = st.sum[r] * rescale[r] + sum[r];
         rescale_rows<T::kOTiles>(o, rescale);  // under the product
         wgmma_wait<0>();
         fence_registers(blk);
         add_block<T::kOTiles>(o, blk);
       } else {
-        rescale_rows<T::kOTiles>(o, rescale);
-        fence_registers(o);
-        issue_pv(i, pa, o, false);
-        wgmma_wait<0>();
-        fence_registers(o);
+        {
+          float sc[T::kKTiles][4];
+          softmax(entry, acc, k_scale, sc, rescale);
+          pack_p_e4m3<T>(pa, sc);
+        }
+        if constexpr (kAccum == PvAccum::kBlockFp32) {
+          float blk[T::kOTiles][4];
+          issue_pv(i, pa, blk, true);
+          rescale_rows<T::kOTiles>(o, rescale);  // under the product
+          wgmma_wait<0>();
+          fence_registers(blk);
+          add_block<T::kOTiles>(o, blk);
+        } else {
+          rescale_rows<T::kOTiles>(o, rescale);
+          fence_registers(o);
+          issue_pv(i, pa, o, false);
+          wgmma_wait<0>();
+          fence_registers(o);
+        }
       }
       if (lane == 0) mbar_arrive(kv_free(i % T::kStages));
       entry = next_entry(i + 1);

@@ -293,8 +293,9 @@ def _path_name(env, dev):
     if not env.cuda:
         return "sm80 emulator (CPU smoke run)"
     try:
-        e = sageattn.explain(dev)
-        return f"{getattr(e, 'path', '?')} ({getattr(e, 'kernel', '?')})"
+        e = sageattn.explain(dev)   # a dict: its keys, not attributes
+        causal = sageattn.explain(dev, is_causal=True)["kernel"]
+        return f"{e['path']} ({e['kernel']}; causal {causal})"
     except Exception as exc:   # the table still prints without it
         return f"unknown ({exc})"
 
