@@ -56,20 +56,27 @@ constexpr u32 kEndOfSteps = kStepMask;
 /// dequantization folds into the exponent's FMA (p = 2^(acc * scale - shift), one rounding) and
 /// the row max is taken on the unscaled scores of each 64-key half (the scales are >= 0).
 /// Same contract as online_softmax_step: `p` comes out scaled by 2^kLog2PScale.
-template <class T>
-__device__ __forceinline__ void unmasked_row_max(const int (&acc)[T::kKTiles][4], float scale_lo, float scale_hi,
-                                                 RowStats& st, float (&rescale)[2], float (&shift)[2],
-                                                 float log2_p_scale) {
-  constexpr int kHalf = T::kKTiles / 2;
+/// @brief Each row's max over score tiles [kFirst, kFirst + kKTiles/2) (one 64-key half), on the
+/// unscaled INT32 scores.
+template <class T, int kFirst>
+__device__ __forceinline__ void half_row_max(const int (&acc)[T::kKTiles][4], float (&m)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float m_lo = static_cast<float>(acc[0][2 * r]), m_hi = static_cast<float>(acc[kHalf][2 * r]);
+    m[r] = static_cast<float>(acc[kFirst][2 * r]);
 #pragma unroll
-    for (int j = 0; j < kHalf; ++j) {
-      m_lo = fmaxf(m_lo, fmaxf(static_cast<float>(acc[j][2 * r]), static_cast<float>(acc[j][2 * r + 1])));
-      m_hi = fmaxf(m_hi, fmaxf(static_cast<float>(acc[kHalf + j][2 * r]), static_cast<float>(acc[kHalf + j][2 * r + 1])));
-    }
-    const float m = quad_max(fmaxf(st.max[r], fmaxf(m_lo * scale_lo, m_hi * scale_hi)));
+    for (int j = kFirst; j < kFirst + T::kKTiles / 2; ++j)
+      m[r] = fmaxf(m[r], fmaxf(static_cast<float>(acc[j][2 * r]), static_cast<float>(acc[j][2 * r + 1])));
+  }
+}
+
+/// @brief The rows' new running max from the two halves' raw maxima (the K scales are >= 0, so
+/// scaling commutes with the max), their rescale factors and exponent shifts.
+__device__ __forceinline__ void update_row_max(const float (&m_lo)[2], const float (&m_hi)[2], float scale_lo,
+                                               float scale_hi, RowStats& st, float (&rescale)[2], float (&shift)[2],
+                                               float log2_p_scale) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float m = quad_max(fmaxf(st.max[r], fmaxf(m_lo[r] * scale_lo, m_hi[r] * scale_hi)));
     rescale[r] = fast_exp2(st.max[r] - m);
     st.max[r] = m;
     shift[r] = log2_p_scale - m;
@@ -97,8 +104,10 @@ template <class T>
 __device__ __forceinline__ void softmax_unmasked_step(const int (&acc)[T::kKTiles][4], float scale_lo, float scale_hi,
                                                       float (&p)[T::kKTiles][4], RowStats& st, float (&rescale)[2],
                                                       float log2_p_scale) {
-  float shift[2], sum[2] = {0.f, 0.f};
-  unmasked_row_max<T>(acc, scale_lo, scale_hi, st, rescale, shift, log2_p_scale);
+  float m_lo[2], m_hi[2], shift[2], sum[2] = {0.f, 0.f};
+  half_row_max<T, 0>(acc, m_lo);
+  half_row_max<T, T::kKTiles / 2>(acc, m_hi);
+  update_row_max(m_lo, m_hi, scale_lo, scale_hi, st, rescale, shift, log2_p_scale);
   unmasked_exp<T, 0, T::kKTiles>(acc, scale_lo, scale_hi, shift, p, sum);
 #pragma unroll
   for (int r = 0; r < 2; ++r) st.sum[r] = st.sum[r] * rescale[r] + sum[r];
@@ -348,14 +357,22 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     return kBlockSparse ? ld_shared_u32(step_info + 4u * (i % T::kStages)) : static_cast<u32>(i);
   };
   // S = Q K^T of entry i into `acc` (asynchronous: the caller waits).
-  const auto issue_qk = [&](int i, int (&acc)[T::kKTiles][4]) {
-    const u32 k_tile = stage_k(i % T::kStages);
+  // `half` < 0: all 128 keys; 0 or 1: keys 64*half.. into score tiles 8*half.. (N = 64).
+  const auto issue_qk = [&](int i, int (&acc)[T::kKTiles][4], int half = -1) {
+    const u32 k_tile = stage_k(i % T::kStages) + (half > 0 ? 64u * kHeadDim : 0u);  // 8 swizzle periods
     wgmma_fence();
     const auto q_desc = [&](int kk) { return kmajor_desc(q_rows + 32 * kk, T::kQkGroupBytes, T::kQkSwizzle); };
     const auto k_desc = [&](int kk) { return kmajor_desc(k_tile + 32 * kk, T::kQkGroupBytes, T::kQkSwizzle); };
-    wgmma_s8_m64n128k32<false>(acc, q_desc(0), k_desc(0));
+    if (half < 0) {
+      wgmma_s8_m64n128k32<false>(acc, q_desc(0), k_desc(0));
 #pragma unroll
-    for (int kk = 1; kk < kHeadDim / 32; ++kk) wgmma_s8_m64n128k32<true>(acc, q_desc(kk), k_desc(kk));
+      for (int kk = 1; kk < kHeadDim / 32; ++kk) wgmma_s8_m64n128k32<true>(acc, q_desc(kk), k_desc(kk));
+    } else {
+      int (&d)[8][4] = *reinterpret_cast<int (*)[8][4]>(&acc[half > 0 ? 8 : 0]);
+      wgmma_s8_m64n64k32<false>(d, q_desc(0), k_desc(0));
+#pragma unroll
+      for (int kk = 1; kk < kHeadDim / 32; ++kk) wgmma_s8_m64n64k32<true>(d, q_desc(kk), k_desc(kk));
+    }
     wgmma_commit();
   };
   // d (+)= P V of entry i (asynchronous); `fresh`: d starts from zero (two-level accumulation).
@@ -450,22 +467,33 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
       int acc[T::kKTiles][4];
       if (i == 0) mbar_wait(q_full, 0);
       if (kBlockSparse) step_scales(i, entry, k_scale);
-      issue_qk(i, acc);
+      const bool split = kAccum == PvAccum::kBlockFp32 && static_cast<int>(entry & kStepMask) < first_masked &&
+                         (entry >> 30) == 0;
+      issue_qk(i, acc, 0);  // S in two 64-key halves (N = 64 each)
+      issue_qk(i, acc, 1);
       float k_scale_next[2];  // dense: the next step's K scales load under this step
       if (!kBlockSparse && i + 1 < n_steps) step_scales(i + 1, static_cast<u32>(i + 1), k_scale_next);
-      wgmma_wait<0>();
-      fence_registers(acc);
       u32 pa[T::kKTiles / 4][4];
       float rescale[2];
-      if (kAccum == PvAccum::kBlockFp32 && static_cast<int>(entry & kStepMask) < first_masked && (entry >> 30) == 0) {
-        // An unmasked "fp32+fp32" step issues P V in two halves: the first 64 keys' product
-        // runs while the second half's exponentials are computed (NOTES.md sm90 v14: +6-7% at
-        // 2k-4k). The same sums in the same order as softmax_unmasked_step.
+      if (split) {
+        // An unmasked "fp32+fp32" step works in 64-key halves: S as two N=64 products, the
+        // row max per half, P V issued per half. Written to overlap each half's math with the
+        // other half's product; ptxas still waits for both S halves before the max and issues
+        // the four P V products together (SASS), yet the step measured +10-13% at 2k-4k
+        // (NOTES.md sm90 v14). The same maxima and sums, in the same order, as
+        // softmax_unmasked_step: outputs are bit-identical.
+        constexpr int kHalfTiles = T::kKTiles / 2, kHalfSlices = T::kKTiles / 8;
+        float m_lo[2], m_hi[2];
+        wgmma_wait<1>();
+        fence_register_tiles<0, kHalfTiles>(acc);
+        half_row_max<T, 0>(acc, m_lo);
+        wgmma_wait<0>();
+        fence_register_tiles<kHalfTiles, kHalfTiles>(acc);
+        half_row_max<T, kHalfTiles>(acc, m_hi);
         float blk[T::kOTiles][4];
         float sc[T::kKTiles][4], shift[2], sum[2] = {0.f, 0.f};
         const float scale_lo = q_scale * k_scale[0], scale_hi = q_scale * k_scale[1];
-        constexpr int kHalfTiles = T::kKTiles / 2, kHalfSlices = T::kKTiles / 8;
-        unmasked_row_max<T>(acc, scale_lo, scale_hi, st, rescale, shift, kLog2PScale);
+        update_row_max(m_lo, m_hi, scale_lo, scale_hi, st, rescale, shift, kLog2PScale);
         unmasked_exp<T, 0, kHalfTiles>(acc, scale_lo, scale_hi, shift, sc, sum);
         pack_p_e4m3<T>(pa, sc);
         issue_pv(i, pa, blk, true, 0, kHalfSlices);
@@ -479,6 +507,8 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
         fence_registers(blk);
         add_block<T::kOTiles>(o, blk);
       } else {
+        wgmma_wait<0>();
+        fence_registers(acc);
         {
           float sc[T::kKTiles][4];
           softmax(entry, acc, k_scale, sc, rescale);

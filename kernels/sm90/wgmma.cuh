@@ -54,6 +54,15 @@ __device__ __forceinline__ void fence_registers(int (&r)[kTiles][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[j][e])::"memory");
 }
 
+/// @brief fence_registers for INT32 tiles [kFirst, kFirst + kCount) only.
+template <int kFirst, int kCount, int kTiles>
+__device__ __forceinline__ void fence_register_tiles(int (&r)[kTiles][4]) {
+#pragma unroll
+  for (int j = kFirst; j < kFirst + kCount; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[j][e])::"memory");
+}
+
 // Operand lists written out in full: one register per accumulator element.
 
 /// @brief D(64x128 s32) = A(64x32 s8, shared) * B(32x128 s8, shared, K-major) (+ D if kAccumulate).
@@ -98,6 +107,37 @@ __device__ __forceinline__ void wgmma_s8_m64n128k32(int (&d)[16][4], u64 desc_a,
         "=r"(d[13][0]), "=r"(d[13][1]), "=r"(d[13][2]), "=r"(d[13][3]),
         "=r"(d[14][0]), "=r"(d[14][1]), "=r"(d[14][2]), "=r"(d[14][3]),
         "=r"(d[15][0]), "=r"(d[15][1]), "=r"(d[15][2]), "=r"(d[15][3])
+        : "l"(desc_a), "l"(desc_b));
+  }
+}
+
+/// @brief D(64x64 s32) = A(64x32 s8, shared) * B(32x64 s8, shared, K-major) (+ D if kAccumulate):
+/// half a step's keys (the in-order kernel issues S per 64-key half).
+template <bool kAccumulate>
+__device__ __forceinline__ void wgmma_s8_m64n64k32(int (&d)[8][4], u64 desc_a, u64 desc_b) {
+  if constexpr (kAccumulate) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1;"
+        : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]),
+        "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]), "+r"(d[1][3]),
+        "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3]),
+        "+r"(d[3][0]), "+r"(d[3][1]), "+r"(d[3][2]), "+r"(d[3][3]),
+        "+r"(d[4][0]), "+r"(d[4][1]), "+r"(d[4][2]), "+r"(d[4][3]),
+        "+r"(d[5][0]), "+r"(d[5][1]), "+r"(d[5][2]), "+r"(d[5][3]),
+        "+r"(d[6][0]), "+r"(d[6][1]), "+r"(d[6][2]), "+r"(d[6][3]),
+        "+r"(d[7][0]), "+r"(d[7][1]), "+r"(d[7][2]), "+r"(d[7][3])
+        : "l"(desc_a), "l"(desc_b));
+  } else {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 0;"
+        : "=r"(d[0][0]), "=r"(d[0][1]), "=r"(d[0][2]), "=r"(d[0][3]),
+        "=r"(d[1][0]), "=r"(d[1][1]), "=r"(d[1][2]), "=r"(d[1][3]),
+        "=r"(d[2][0]), "=r"(d[2][1]), "=r"(d[2][2]), "=r"(d[2][3]),
+        "=r"(d[3][0]), "=r"(d[3][1]), "=r"(d[3][2]), "=r"(d[3][3]),
+        "=r"(d[4][0]), "=r"(d[4][1]), "=r"(d[4][2]), "=r"(d[4][3]),
+        "=r"(d[5][0]), "=r"(d[5][1]), "=r"(d[5][2]), "=r"(d[5][3]),
+        "=r"(d[6][0]), "=r"(d[6][1]), "=r"(d[6][2]), "=r"(d[6][3]),
+        "=r"(d[7][0]), "=r"(d[7][1]), "=r"(d[7][2]), "=r"(d[7][3])
         : "l"(desc_a), "l"(desc_b));
   }
 }
