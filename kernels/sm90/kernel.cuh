@@ -21,8 +21,7 @@
 namespace sageattn {
 namespace sm90 {
 
-constexpr float kLog2PScale = 8.807354922057604f;
-  // log2(448): P scaled into E4M3's range
+constexpr float kLog2PScale = 8.807354922057604f;  // log2(448): P scaled into E4M3's range
 
 /// @brief Base-2 scores of a step that needs masking: INT32 accumulators times the thread's Q
 /// scale and the K scale of each 64-key half; keys past the sequence or above the causal
@@ -189,10 +188,10 @@ __device__ __forceinline__ float quantize_q_rows(const char* src, char* dst, int
 }
 
 /// Grid (ceil(q_blocks * 128 / T::kBlockQ), Hq, B), T::kThreads threads, T::kSmemBytes dynamic
-/// shared memory; kConsumers compute warpgroups (Traits; the kernel table picks 3 for dense
-/// hd64 and for the hd128 kernel of non-causal calls). kBlockSparse: walk p.block_mask (the producer hands the kept steps to the
-/// consumers through shared memory); dense kernels keep the plain step loop (NOTES.md sm90 v7:
-/// the step list cost dense calls 8%).
+/// shared memory; kConsumers compute warpgroups (Traits; the kernel table picks 3 for dense hd64
+/// and for the hd128 kernel of non-causal calls). kBlockSparse: walk p.block_mask (the producer
+/// hands the kept steps to the consumers through shared memory); dense kernels keep the plain
+/// step loop (NOTES.md sm90 v7: the step list cost dense calls 8%).
 template <int kHeadDim, PvAccum kAccum, bool kBlockSparse, int kConsumers>
 __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   using T = Traits<kHeadDim, kConsumers>;

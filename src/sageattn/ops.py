@@ -11,7 +11,8 @@ plain function on torch 2.13 CPU). ``ALWAYS_USE_OP = True`` routes every call th
 
 Device queries (``dispatch.resolve``) happen inside the implementation, never in traced
 code. Per call (docs/ARCHITECTURE.md, "kernel table"), all on
-``torch.cuda.current_stream(device)``, with temporaries from torch's caching allocator:
+``torch.cuda.current_stream(device)``, with the temporaries carved from one allocation of torch's
+caching allocator:
 
 * sm80: optional ``sm80_channel_stats`` (K mean), one fused quantize launch (Q, K to INT8,
   V to fp16), one attention launch.
@@ -19,7 +20,9 @@ code. Per call (docs/ARCHITECTURE.md, "kernel table"), all on
   and mean with ``smooth_v``), one fused quantize launch (Q, K to INT8, V to a transposed
   E4M3 tile), one attention launch.
 * sm90: the sm89 sequence (its quantizer, compiled for sm_90a), then the attention kernel with
-  three tensor maps over the quantized operands, encoded per call.
+  three tensor maps over the quantized operands (cached by address and geometry); for hd128
+  non-causal calls the Q map covers the caller's Q, which the kernel quantizes itself, and the
+  quantize launch skips Q (``SM90_QUANTIZE_Q_IN_KERNEL``).
 """
 
 from __future__ import annotations
@@ -93,10 +96,9 @@ def kernel_names(path: str, head_dim: int, pv_accum_dtype: str,
         from .ops_fp4 import sm120_kernel_names
 
         return sm120_kernel_names(head_dim)
-    names = {"sm80": sm80_kernel_names, "sm89": sm89_kernel_names,
-             "sm90": sm90_kernel_names}.get(path)
-    if path == "sm90":
+    if path == "sm90":  # its kernel depends on causality too
         return sm90_kernel_names(head_dim, pv_accum_dtype, is_causal=is_causal)
+    names = {"sm80": sm80_kernel_names, "sm89": sm89_kernel_names}.get(path)
     return names(head_dim, pv_accum_dtype) if names else None
 
 
