@@ -145,13 +145,18 @@ __device__ __forceinline__ float sum_over_row_lanes(float x) {
   return x;
 }
 
-/// @brief Quantize 8 values with one inverse scale and store them as 8 bytes.
-__device__ __forceinline__ void store_int8x8(signed char* dst, const float (&x)[8], float inv) {
+/// @brief 8 values quantized with one inverse scale, as 8 bytes (element i in byte i).
+__device__ __forceinline__ uint2 pack_int8x8(const float (&x)[8], float inv) {
   u32 w[2] = {0u, 0u};
 #pragma unroll
   for (int i = 0; i < 8; ++i)
     w[i / 4] |= (static_cast<u32>(quantize_int8(x[i] * inv)) & 0xffu) << (8 * (i % 4));
-  *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+  return make_uint2(w[0], w[1]);
+}
+
+/// @brief Quantize 8 values with one inverse scale and store them as 8 bytes.
+__device__ __forceinline__ void store_int8x8(signed char* dst, const float (&x)[8], float inv) {
+  *reinterpret_cast<uint2*>(dst) = pack_int8x8(x, inv);
 }
 
 __device__ __forceinline__ float inverse_int8_scale(float amax) {
@@ -195,6 +200,41 @@ __device__ __forceinline__ void load_job_rows(const u16* src, long long stride_s
   }
 }
 
+/// The amax of each Q scale group of one warp's 16 rows (raw bits as load_job_rows lays them
+/// out): per-thread groups pair row r with r + 8 (same lane, pass i + kPasses/2); per-warp takes
+/// all 16 rows. Rows past the end are +0.
+template <class G>
+struct QScaleGroups {
+  float group[G::kPasses / 2];  // group i % (kPasses/2) of pass i
+  float warp;
+
+  __device__ __forceinline__ QScaleGroups(const uint4 (&raw)[G::kPasses], bool is_bf16) {
+    float row_amax[G::kPasses];
+#pragma unroll
+    for (int i = 0; i < G::kPasses; ++i) {
+      float x[8];
+      bits8_to_float(raw[i], is_bf16, x);
+      float m = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(x[e]));
+      row_amax[i] = max_over_row_lanes<G::kLanesPerRow>(m);
+    }
+    warp = 0.f;
+#pragma unroll
+    for (int i = 0; i < G::kPasses / 2; ++i) {
+      group[i] = fmaxf(row_amax[i], row_amax[i + G::kPasses / 2]);
+      warp = fmaxf(warp, group[i]);
+    }
+#pragma unroll
+    for (int o = G::kLanesPerRow; o < 32; o <<= 1) warp = fmaxf(warp, __shfl_xor_sync(0xffffffffu, warp, o));
+  }
+
+  /// The amax that scales pass i's row.
+  __device__ __forceinline__ float of_pass(int i, bool per_warp) const {
+    return per_warp ? warp : group[i % (G::kPasses / 2)];
+  }
+};
+
 /// @brief Q job: 128 rows (8 warps x 16) of one (b, h, q_block).
 template <int kHeadDim>
 __device__ __forceinline__ void quantize_q_block(const QuantParams& p, int job) {
@@ -211,29 +251,7 @@ __device__ __forceinline__ void quantize_q_block(const QuantParams& p, int job) 
   load_job_rows<G>(src, p.q_stride_s, qb * kQBlockRows + warp * 16 + row_in_pass, span.len, d0,
                    p.head_dim, p.vec_q != 0, raw);
   // Only the raw bits stay live (32 registers, not 64 floats); each use converts again (exact).
-  float row_amax[G::kPasses];
-#pragma unroll
-  for (int i = 0; i < G::kPasses; ++i) {
-    float x[8];
-    bits8_to_float(raw[i], is_bf16, x);  // rows past the end: +0
-    float m = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(x[e]));
-    row_amax[i] = max_over_row_lanes<G::kLanesPerRow>(m);
-  }
-
-  // Group amax: per-thread pairs row r with r+8 (same lane, pass i + kPasses/2);
-  // per-warp takes all 16 rows.
-  float group_amax[G::kPasses / 2];
-  float warp_amax = 0.f;
-#pragma unroll
-  for (int i = 0; i < G::kPasses / 2; ++i) {
-    group_amax[i] = fmaxf(row_amax[i], row_amax[i + G::kPasses / 2]);
-    warp_amax = fmaxf(warp_amax, group_amax[i]);
-  }
-#pragma unroll
-  for (int o = G::kLanesPerRow; o < 32; o <<= 1)
-    warp_amax = fmaxf(warp_amax, __shfl_xor_sync(0xffffffffu, warp_amax, o));
+  const QScaleGroups<G> amaxes(raw, is_bf16);
   const bool per_warp = p.granularity == kGranPerWarp;
 
   const i64 block_row0 = (static_cast<i64>(bh) * p.q_blocks + qb) * kQBlockRows;
@@ -241,7 +259,7 @@ __device__ __forceinline__ void quantize_q_block(const QuantParams& p, int job) 
   float* scales = reinterpret_cast<float*>(p.q_scale) + (static_cast<i64>(bh) * p.q_blocks + qb) * 64;
 #pragma unroll
   for (int i = 0; i < G::kPasses; ++i) {
-    const float amax = per_warp ? warp_amax : group_amax[i % (G::kPasses / 2)];
+    const float amax = amaxes.of_pass(i, per_warp);
     const int r = i * G::kRowsPerPass + row_in_pass;  // row within the warp's 16
     float x[8];
     bits8_to_float(raw[i], is_bf16, x);

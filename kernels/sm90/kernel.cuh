@@ -142,46 +142,23 @@ __device__ __forceinline__ float quantize_q_rows(const char* src, char* dst, int
 #pragma unroll
   for (int i = 0; i < G::kPasses; ++i)
     raw[i] = *reinterpret_cast<const uint4*>(src + (i * G::kRowsPerPass + row_in_pass) * kHeadDim * 2 + chunk * 16);
-  float row_amax[G::kPasses];
-#pragma unroll
-  for (int i = 0; i < G::kPasses; ++i) {
-    float x[8];
-    bits8_to_float(raw[i], is_bf16, x);
-    float m = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(x[e]));
-    row_amax[i] = max_over_row_lanes<G::kLanesPerRow>(m);
-  }
-  constexpr int kGroups = G::kPasses / 2;  // pass i holds row r, pass i + kGroups row r + 8
-  float group_amax[kGroups];
-  float warp_amax = 0.f;
-#pragma unroll
-  for (int i = 0; i < kGroups; ++i) {
-    group_amax[i] = fmaxf(row_amax[i], row_amax[i + kGroups]);
-    warp_amax = fmaxf(warp_amax, group_amax[i]);
-  }
-#pragma unroll
-  for (int o = G::kLanesPerRow; o < 32; o <<= 1) warp_amax = fmaxf(warp_amax, __shfl_xor_sync(0xffffffffu, warp_amax, o));
+  const QScaleGroups<G> amaxes(raw, is_bf16);
   constexpr u32 kSwizzleRows = kHeadDim == 128 ? 7u : 3u;  // 128B / 64B: address bits 7.. into 4..
 #pragma unroll
   for (int i = 0; i < G::kPasses; ++i) {
-    const float amax = per_warp ? warp_amax : group_amax[i % kGroups];
-    const float inv = inverse_int8_scale(amax);
     float x[8];
     bits8_to_float(raw[i], is_bf16, x);
-    u32 w[2] = {0u, 0u};
-#pragma unroll
-    for (int e = 0; e < 8; ++e) w[e / 4] |= (static_cast<u32>(quantize_int8(x[e] * inv)) & 0xffu) << (8 * (e % 4));
     const u32 offset = static_cast<u32>((warp * 16 + i * G::kRowsPerPass + row_in_pass) * kHeadDim + chunk * 8);
-    *reinterpret_cast<uint2*>(dst + (offset ^ (((offset >> 7) & kSwizzleRows) << 4))) = make_uint2(w[0], w[1]);
+    *reinterpret_cast<uint2*>(dst + (offset ^ (((offset >> 7) & kSwizzleRows) << 4))) =
+        pack_int8x8(x, inverse_int8_scale(amaxes.of_pass(i, per_warp)));
   }
   // This thread's group lane/4 lives in pass (lane/4) / kRowsPerPass of the lanes whose first
   // row is (lane/4) % kRowsPerPass.
   const int group = lane / 4, holder = (group % G::kRowsPerPass) * G::kLanesPerRow;
-  float amax = warp_amax;
+  float amax = amaxes.warp;
 #pragma unroll
-  for (int i = 0; i < kGroups; ++i) {
-    const float a = __shfl_sync(0xffffffffu, group_amax[i], holder);
+  for (int i = 0; i < G::kPasses / 2; ++i) {
+    const float a = __shfl_sync(0xffffffffu, amaxes.group[i], holder);
     if (!per_warp && i == group / G::kRowsPerPass) amax = a;
   }
   return (amax / 127.f) * scale_log2e;
