@@ -16,6 +16,7 @@
 #include "../common/qk_int8_mma.cuh"  // mask_scores
 #include "../common/visible_keys.cuh"
 #include "async_copy.cuh"
+#include "quantize_kv.cuh"  // the tree's one-pass K/V quantizer (a launch of its own)
 #include "traits.cuh"
 
 namespace sageattn {
