@@ -51,23 +51,13 @@ def test_unknown_filter_token_stops_the_build(tmp_path):
     assert proc.returncode != 0 and "['75']" in proc.stderr, proc.stderr
 
 
-def test_clusters_only_where_the_tree_has_them():
-    """__cluster_dims__ needs sm_90+: only trees whose every architecture has clusters."""
-    for tree in table.TREES:
-        if any(k.cluster > 1 for k in tree.kernels):
-            assert all(int("".join(c for c in a if c.isdigit())) >= 90
-                       for a in tree.sass + tree.ptx), tree.name
-
-
 def test_translation_unit_wraps_every_kernel():
     for tree in table.TREES:
         tu = bk.render_tu(tree)
         assert f'#include "{tree.header}"' in tu and '#include "common/params.h"' in tu
         assert 'extern "C" __device__ unsigned sageattn_abi_version = sageattn::kAbiVersion;' in tu
         for k in tree.kernels:
-            cluster = f" __cluster_dims__({k.cluster}, 1, 1)" if k.cluster > 1 else ""
-            assert (f'extern "C" __global__ void __launch_bounds__({k.threads}, {k.min_blocks})'
-                    f"{cluster}\n"
+            assert (f'extern "C" __global__ void __launch_bounds__({k.threads}, {k.min_blocks})\n'
                     f"{k.name}(const __grid_constant__ sageattn::{k.params} p) {{ {k.call}; }}") in tu
             if k.smem_expr:
                 assert f"static_assert(({k.smem_expr}) == {k.smem}," in tu

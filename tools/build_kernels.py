@@ -123,9 +123,7 @@ def render_tu(tree) -> str:
                        f"{k.smem} in tools/kernel_table.py != {k.smem_expr}\");")
         # An explicit minBlocks: without one ptxas picked its own register cap and spilled
         # (seen on sm_89/sm_120 for the hd64 FP8 kernels).
-        cluster = f" __cluster_dims__({k.cluster}, 1, 1)" if k.cluster > 1 else ""
-        out.append(f"extern \"C\" __global__ void __launch_bounds__({k.threads}, {k.min_blocks})"
-                   f"{cluster}")
+        out.append(f"extern \"C\" __global__ void __launch_bounds__({k.threads}, {k.min_blocks})")
         out.append(f"{k.name}(const __grid_constant__ sageattn::{k.params} p) {{ {k.call}; }}")
         out.append("")
     return "\n".join(out)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    kind: str            # "channel_stats" | "quantize" | "quantize_kv" | "attention"
+    kind: str            # "channel_stats" | "quantize" | "attention"
     params: str          # struct in kernels/common/params.h
     call: str            # C++ expression run by the wrapper, with `p` the params
     threads: int
@@ -24,7 +24,6 @@ class Kernel:
     smem_expr: str = ""  # C++ constant expression that must equal `smem`
     head_dim: int = 0
     pv_accum: str = ""
-    cluster: int = 1     # CTAs per thread-block cluster (__cluster_dims__; sm_90+ trees only)
 
 
 @dataclass(frozen=True)
@@ -94,13 +93,6 @@ def _sm90_kernels():
         rows.append(Kernel(
             f"sm90_quantize_qk_int8_v_fp8_hd{hd}", "quantize", "QuantParams",
             f"sageattn::quantize_qk_int8_v_fp8<{hd}>(p)", threads=256, head_dim=hd))
-    for hd in (64, 128):  # K and V read once: channel statistics and quantization in one launch
-        rows.append(Kernel(
-            f"sm90_quantize_kv_fp8_hd{hd}", "quantize_kv", "QuantParams",
-            f"sageattn::sm90::quantize_kv_fp8_one_pass<{hd}>(p)", threads=1024, head_dim=hd,
-            # the largest copy of 64-key blocks a CTA keeps (the launch asks for what it uses)
-            smem=192 * 1024, smem_expr=f"sageattn::sm90::KvPassTraits<{hd}>::kMaxSmemBytes",
-            cluster=8))
     # "fp32+fp32": each 128-key step's PV from zero in the wgmma accumulator, added to O
     # (two-level); "fp32": the wgmma accumulates into O directly. Consumer warpgroups (64 query
     # rows each): three for dense hd64 kernels and for the "_q192" hd128 kernel non-causal calls

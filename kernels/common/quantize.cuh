@@ -70,32 +70,6 @@ __device__ __forceinline__ void load_row_chunk8(const u16* row, int d0, int dim,
   bits8_to_float(load_row_bits8(row, d0, dim, vec), is_bf16, x);
 }
 
-/// Where a quantizer job reads a (b, h)'s rows: the 16-bit source in global memory (any token
-/// stride), or a copy in shared memory (kernels/sm90/quantize_kv.cuh). Rows are indexed from
-/// the sequence's first token; callers only ask for rows before the sequence's end.
-struct GlobalRows {
-  const u16* base;  // row 0
-  long long stride;
-  int dim;          // zero past it
-  bool vec;         // 16-byte aligned rows, dim % 8 == 0
-  /// Elements d0..d0+7 of row s as raw bits.
-  __device__ __forceinline__ uint4 chunk8(int s, int d0) const {
-    return load_row_bits8(base + s * stride, d0, dim, vec);
-  }
-  /// kChannels (1 or 2) consecutive elements of row s from channel d, packed like the source.
-  template <int kChannels>
-  __device__ __forceinline__ u32 channels(int s, int d) const {
-    const u16* row = base + s * stride + d;
-    if (kChannels == 2 && vec)  // dim % 8 == 0 here: both channels real or both padding
-      return d < dim ? *reinterpret_cast<const u32*>(row) : 0u;
-    u32 w = 0u;
-#pragma unroll
-    for (int c = 0; c < kChannels; ++c)
-      if (d + c < dim) w |= static_cast<u32>(row[c]) << (16 * c);
-    return w;
-  }
-};
-
 /// @brief Per-channel mean / min / max over tokens (fp32, (B, H, D_pad) each; null outputs
 /// skipped). Grid (D_pad/64, H, B), 256 threads: 8 lanes cover 64 channels, 32 row lanes stride
 /// the tokens; fixed-order reduction, so the result is deterministic.
@@ -198,29 +172,15 @@ struct WarpRows {
   static_assert(kPasses >= 1 && kRowsPerWarp % kRowsPerPass == 0, "rows per warp");
 };
 
-/// The kQuantThreads threads of one quantizer job: `tid` 0.. among them, and the named barrier
-/// they share (1 + group), so that a CTA can run several jobs at once (sm90/quantize_kv.cuh).
-struct JobThreads {
-  int tid, group;
-  __device__ __forceinline__ void sync() const {
-    asm volatile("bar.sync %0, %1;" ::"r"(1 + group), "n"(kQuantThreads) : "memory");
-  }
-};
-
-/// A CTA of kQuantThreads threads running one job.
-__device__ __forceinline__ JobThreads whole_cta() { return {static_cast<int>(threadIdx.x), 0}; }
-
-constexpr int kMaxJobGroups = 4;  // jobs a CTA may run at once
-
 /// Which block of which (b, h) a quantizer job covers, and where this thread works in it: its
 /// warp, and the 8-element chunk of each row its lane loads.
 template <int kHeadDim, int kRowsPerWarp>
 struct JobLanes {
   using G = WarpRows<kHeadDim, kRowsPerWarp>;
   int warp, blk, bh, h, b, chunk, row_in_pass, d0;
-  __device__ __forceinline__ JobLanes(int job, int blocks, int heads, int tid) {
-    const int lane = tid % 32;
-    warp = tid / 32;
+  __device__ __forceinline__ JobLanes(int job, int blocks, int heads) {
+    const int lane = threadIdx.x % 32;
+    warp = threadIdx.x / 32;
     blk = job % blocks, bh = job / blocks;
     h = bh % heads, b = bh / heads;
     chunk = lane % G::kLanesPerRow, row_in_pass = lane / G::kLanesPerRow;
@@ -230,13 +190,13 @@ struct JobLanes {
 
 /// @brief Raw bits of this lane's chunk of each pass's row (zero for rows past `len`), all
 /// loads issued before any is used: kPasses x 16 bytes in flight per thread.
-template <class G, class Rows>
-__device__ __forceinline__ void load_job_rows(const Rows& rows, int first_row, int len, int d0,
-                                              uint4 (&raw)[G::kPasses]) {
+template <class G>
+__device__ __forceinline__ void load_job_rows(const u16* src, long long stride_s, int first_row,
+                                              int len, int d0, int dim, bool vec, uint4 (&raw)[G::kPasses]) {
 #pragma unroll
   for (int i = 0; i < G::kPasses; ++i) {
     const int s = first_row + i * G::kRowsPerPass;
-    raw[i] = s < len ? rows.chunk8(s, d0) : make_uint4(0u, 0u, 0u, 0u);
+    raw[i] = s < len ? load_row_bits8(src + s * stride_s, d0, dim, vec) : make_uint4(0u, 0u, 0u, 0u);
   }
 }
 
@@ -279,7 +239,7 @@ struct QScaleGroups {
 template <int kHeadDim>
 __device__ __forceinline__ void quantize_q_block(const QuantParams& p, int job) {
   using G = WarpRows<kHeadDim, 16>;
-  const JobLanes<kHeadDim, 16> j(job, p.q_blocks, p.heads_q, threadIdx.x);
+  const JobLanes<kHeadDim, 16> j(job, p.q_blocks, p.heads_q);
   const int warp = j.warp, qb = j.blk, bh = j.bh, h = j.h, b = j.b, chunk = j.chunk,
             row_in_pass = j.row_in_pass, d0 = j.d0;
   const int hkv = h / (p.heads_q / p.heads_kv);
@@ -288,8 +248,8 @@ __device__ __forceinline__ void quantize_q_block(const QuantParams& p, int job) 
   const u16* src = rows_of(p.q, p.q_stride_b, p.q_stride_h, p.q_stride_s, p.cu_seqlens_q, b, h, span);
 
   uint4 raw[G::kPasses];
-  load_job_rows<G>(GlobalRows{src, p.q_stride_s, p.head_dim, p.vec_q != 0},
-                   qb * kQBlockRows + warp * 16 + row_in_pass, span.len, d0, raw);
+  load_job_rows<G>(src, p.q_stride_s, qb * kQBlockRows + warp * 16 + row_in_pass, span.len, d0,
+                   p.head_dim, p.vec_q != 0, raw);
   // Only the raw bits stay live (32 registers, not 64 floats); each use converts again (exact).
   const QScaleGroups<G> amaxes(raw, is_bf16);
   const bool per_warp = p.granularity == kGranPerWarp;
@@ -333,28 +293,30 @@ __device__ __forceinline__ float pick4(const float (&a)[4], int i) {
   return i == 0 ? a[0] : i == 1 ? a[1] : i == 2 ? a[2] : a[3];
 }
 
-/// @brief K job: 64 keys (8 warps x 8) of one (b, hkv, k_block) of a sequence of `len` keys,
-/// minus the channel means `k_mean` (D_pad values; none when null).
+/// @brief K job: 64 keys (8 warps x 8) of one (b, hkv, k_block), mean-subtracted.
 ///
 /// Scale groups: key k belongs to group (k % 8) / 2 (the columns lane % 4 owns). Warp w holds
 /// keys 8w..8w+7, i.e. keys 2g and 2g+1 of every group g: the warp folds its pair per group with
 /// one shuffle, and the block's 8 x 4 partial maxima meet in shared memory (max is exact and
 /// order-free, so this gives the same bits as a max over the 64 key maxima).
-template <int kHeadDim, class Rows>
-__device__ __forceinline__ void quantize_k_block(const QuantParams& p, int job, const Rows& rows, int len,
-                                                 const float* k_mean, JobThreads threads) {
+template <int kHeadDim>
+__device__ __forceinline__ void quantize_k_block(const QuantParams& p, int job) {
   using G = WarpRows<kHeadDim, 8>;
   constexpr int kGroups = 4;
-  __shared__ __align__(16) float group_slots[kMaxJobGroups][kQuantThreads / 32][kGroups];
-  float(&warp_group_amax)[kQuantThreads / 32][kGroups] = group_slots[threads.group];
-  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv, threads.tid);
-  const int warp = j.warp, kb = j.blk, bh = j.bh, chunk = j.chunk, row_in_pass = j.row_in_pass, d0 = j.d0;
+  __shared__ __align__(16) float warp_group_amax[kQuantThreads / 32][kGroups];
+  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv);
+  const int warp = j.warp, kb = j.blk, bh = j.bh, h = j.h, b = j.b, chunk = j.chunk,
+            row_in_pass = j.row_in_pass, d0 = j.d0;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
+  const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
+  const u16* src = rows_of(p.k, p.k_stride_b, p.k_stride_h, p.k_stride_s, p.cu_seqlens_k, b, h, span);
   uint4 raw[G::kPasses];
-  load_job_rows<G>(rows, kb * kKBlockRows + warp * 8 + row_in_pass, len, d0, raw);
+  load_job_rows<G>(src, p.k_stride_s, kb * kKBlockRows + warp * 8 + row_in_pass, span.len, d0,
+                   p.head_dim, p.vec_k != 0, raw);
   float mean[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  if (k_mean != nullptr) {
-    const float4* m = reinterpret_cast<const float4*>(k_mean + d0);
+  if (p.k_mean != 0) {
+    const float4* m = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(p.k_mean) +
+                                                      static_cast<i64>(bh) * p.head_dim_padded + d0);
     const float4 m0 = m[0], m1 = m[1];
     mean[0] = m0.x, mean[1] = m0.y, mean[2] = m0.z, mean[3] = m0.w;
     mean[4] = m1.x, mean[5] = m1.y, mean[6] = m1.z, mean[7] = m1.w;
@@ -366,7 +328,7 @@ __device__ __forceinline__ void quantize_k_block(const QuantParams& p, int job, 
     const int key = warp * 8 + i * G::kRowsPerPass + row_in_pass;
     const int s = kb * kKBlockRows + key;
     bits8_to_float(raw[i], is_bf16, x[i]);
-    if (s < len) {
+    if (s < span.len) {
 #pragma unroll
       for (int e = 0; e < 8; ++e) x[i][e] -= mean[e];  // padded columns: 0 - 0
     }  // padded keys stay +0 (not -mean)
@@ -378,7 +340,7 @@ __device__ __forceinline__ void quantize_k_block(const QuantParams& p, int job, 
     m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, G::kLanesPerRow));
     if (chunk == 0 && row_in_pass % 2 == 0) warp_group_amax[warp][(key % 8) / 2] = m;
   }
-  threads.sync();
+  __syncthreads();
 
   float group_amax[kGroups] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -397,24 +359,24 @@ __device__ __forceinline__ void quantize_k_block(const QuantParams& p, int job, 
     const float amax = per_warp ? block_amax : pick4(group_amax, (key % 8) / 2);
     store_int8x8(dst + (block_row0 + key) * kHeadDim + d0, x[i], inverse_int8_scale(amax));
   }
-  if (threads.tid < kGroups)
-    reinterpret_cast<float*>(p.k_scale)[(static_cast<i64>(bh) * p.k_blocks + kb) * kGroups + threads.tid] =
-        (per_warp ? block_amax : pick4(group_amax, threads.tid)) / 127.f;
+  if (threadIdx.x < kGroups)
+    reinterpret_cast<float*>(p.k_scale)[(static_cast<i64>(bh) * p.k_blocks + kb) * kGroups + threadIdx.x] =
+        (per_warp ? block_amax : pick4(group_amax, threadIdx.x)) / 127.f;
 }
 
 /// @brief V job: 64 rows of one (b, hkv, k_block) to fp16, zero-padded.
 template <int kHeadDim>
 __device__ __forceinline__ void convert_v_block(const QuantParams& p, int job) {
   using G = WarpRows<kHeadDim, 8>;
-  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv, threadIdx.x);
+  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv);
   const int warp = j.warp, kb = j.blk, bh = j.bh, h = j.h, b = j.b, row_in_pass = j.row_in_pass, d0 = j.d0;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
   const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
   const u16* src = rows_of(p.v, p.v_stride_b, p.v_stride_h, p.v_stride_s, p.cu_seqlens_k, b, h, span);
   const i64 block_row0 = (static_cast<i64>(bh) * p.k_blocks + kb) * kKBlockRows;
   uint4 raw[G::kPasses];
-  load_job_rows<G>(GlobalRows{src, p.v_stride_s, p.head_dim, p.vec_v != 0},
-                   kb * kKBlockRows + warp * 8 + row_in_pass, span.len, d0, raw);
+  load_job_rows<G>(src, p.v_stride_s, kb * kKBlockRows + warp * 8 + row_in_pass, span.len, d0,
+                   p.head_dim, p.vec_v != 0, raw);
 #pragma unroll
   for (int i = 0; i < G::kPasses; ++i) {
     const int key = warp * 8 + i * G::kRowsPerPass + row_in_pass;
@@ -440,35 +402,50 @@ __device__ __forceinline__ float channel_amax(float lo, float hi, float mean) {
   return fmaxf(fmaxf(hi - mean, mean - lo), 0.f);  // 0 for an empty sequence (lo = +inf, hi = -inf)
 }
 
-/// @brief V job (FP8): 64 keys of one (b, hkv, k_block) of a sequence of `len` keys -> E4M3 V^T
-/// tile [D_pad][64 slots], per-channel scale amax/v_scale_max from the channel statistics
-/// `vmin`, `vmax` (and `vmean` when smoothing; else null), mean removed when smoothing.
-/// Block 0 writes the scales.
+/// @brief V job (FP8): 64 keys of one (b, hkv, k_block) -> E4M3 V^T tile [D_pad][64 slots],
+/// per-channel scale amax/v_scale_max, mean removed when smoothing. Block 0 writes the scales.
 ///
 /// No shared-memory transpose: a 16-byte run of a tile row (slots 16q..16q+15 of channel d)
 /// holds exactly keys 16q..16q+15 (fp8_pv_key_slot permutes within such a run), so a thread
 /// that loads kChannels channels x those 16 keys builds its tile runs in registers. Lane l takes
 /// run q = l % 4 and channel group warp * 8 + l / 4: the 4 lanes of a group write one whole
 /// 64-byte tile row, and each load of a key reads one full 32-byte sector per run.
-template <int kHeadDim, class Rows>
-__device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, int job, const Rows& rows, int len,
-                                                     const float* vmin, const float* vmax, const float* vmean,
-                                                     JobThreads threads) {
+template <int kHeadDim>
+__device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, int job) {
   constexpr int kChannels = kHeadDim / 64;  // channels per thread: 8 warps x 8 groups x kChannels
   constexpr int kRunKeys = 16;
-  const int lane = threads.tid % 32, warp = threads.tid / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int run = lane % 4, d_first = (warp * 8 + lane / 4) * kChannels;
-  const int kb = job % p.k_blocks, bh = job / p.k_blocks;
+  const int kb = job % p.k_blocks, bh = job / p.k_blocks, h = bh % p.heads_kv, b = bh / p.heads_kv;
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
+  const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
+  const u16* src = rows_of(p.v, p.v_stride_b, p.v_stride_h, p.v_stride_s, p.cu_seqlens_k, b, h, span);
   const int first_key = kb * kKBlockRows + run * kRunKeys;
 
   // bits[k]: channels d_first.. of key first_key + k, packed like the source (zero past the end).
   u32 bits[kRunKeys];
+  const bool pair_load = kChannels == 2 && p.vec_v != 0;  // 4-byte aligned channel pair
 #pragma unroll
-  for (int k = 0; k < kRunKeys; ++k)
-    bits[k] = first_key + k < len ? rows.template channels<kChannels>(first_key + k, d_first) : 0u;
+  for (int k = 0; k < kRunKeys; ++k) {
+    const int s = first_key + k;
+    const u16* row = src + s * p.v_stride_s + d_first;
+    u32 w = 0u;
+    if (s < span.len) {
+      if (pair_load) {  // dim % 8 == 0 here: both channels real or both padding
+        if (d_first < p.head_dim) w = *reinterpret_cast<const u32*>(row);
+      } else {
+#pragma unroll
+        for (int c = 0; c < kChannels; ++c)
+          if (d_first + c < p.head_dim) w |= static_cast<u32>(row[c]) << (16 * c);
+      }
+    }
+    bits[k] = w;
+  }
 
   const i64 stats = static_cast<i64>(bh) * p.head_dim_padded;
+  const float* vmin = reinterpret_cast<const float*>(p.v_min) + stats;
+  const float* vmax = reinterpret_cast<const float*>(p.v_max) + stats;
+  const float* vmean = p.v_mean != 0 ? reinterpret_cast<const float*>(p.v_mean) + stats : nullptr;
   unsigned char* tile = reinterpret_cast<unsigned char*>(p.v_fp8) +
                         (static_cast<i64>(bh) * p.k_blocks + kb) * kHeadDim * kKBlockRows;
 #pragma unroll
@@ -481,7 +458,7 @@ __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, int j
 #pragma unroll
     for (int k = 0; k < kRunKeys; ++k) {
       const float x = bits16_to_float(static_cast<u16>(bits[k] >> (16 * c)), is_bf16);
-      y[k] = first_key + k < len ? (x - mean) * inv : 0.f;  // padded keys: +0
+      y[k] = first_key + k < span.len ? (x - mean) * inv : 0.f;  // padded keys: +0
     }
     // Slot 4c' + 2j + e of the run holds key 8j + 2c' + e (fp8_pv_key_slot).
     u32 word[4];
@@ -489,8 +466,8 @@ __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, int j
     for (int cq = 0; cq < 4; ++cq) word[cq] = pack_e4m3x4(y[2 * cq], y[2 * cq + 1], y[8 + 2 * cq], y[9 + 2 * cq]);
     *reinterpret_cast<uint4*>(tile + d * kKBlockRows + run * kRunKeys) = make_uint4(word[0], word[1], word[2], word[3]);
   }
-  if (kb == 0 && threads.tid < kHeadDim) {
-    const int d = threads.tid;
+  if (kb == 0 && static_cast<int>(threadIdx.x) < kHeadDim) {
+    const int d = threadIdx.x;
     const float amax = channel_amax(vmin[d], vmax[d], vmean != nullptr ? vmean[d] : 0.f);
     reinterpret_cast<float*>(p.v_scale)[stats + d] = amax / p.v_scale_max;
   }
@@ -507,29 +484,12 @@ __device__ __forceinline__ void quantize_qkv(const QuantParams& p) {
   const int job = blockIdx.x;
   if (job < nq) {
     quantize_q_block<kHeadDim>(p, job);
-    return;
-  }
-  if (kVOut == VOut::kFp16 && job >= nq + nk) {
+  } else if (job < nq + nk) {
+    quantize_k_block<kHeadDim>(p, job - nq);
+  } else if (kVOut == VOut::kFp16) {
     convert_v_block<kHeadDim>(p, job - nq - nk);
-    return;
-  }
-  const bool is_k = job < nq + nk;
-  const int kv_job = is_k ? job - nq : job - nq - nk, bh = kv_job / p.k_blocks;
-  const int h = bh % p.heads_kv, b = bh / p.heads_kv;
-  const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
-  const i64 stats = static_cast<i64>(bh) * p.head_dim_padded;
-  const auto stat = [&](unsigned long long buffer) {
-    return buffer != 0 ? reinterpret_cast<const float*>(buffer) + stats : nullptr;
-  };
-  if (is_k) {
-    const GlobalRows rows{rows_of(p.k, p.k_stride_b, p.k_stride_h, p.k_stride_s, p.cu_seqlens_k, b, h, span),
-                          p.k_stride_s, p.head_dim, p.vec_k != 0};
-    quantize_k_block<kHeadDim>(p, kv_job, rows, span.len, stat(p.k_mean), whole_cta());
   } else {
-    const GlobalRows rows{rows_of(p.v, p.v_stride_b, p.v_stride_h, p.v_stride_s, p.cu_seqlens_k, b, h, span),
-                          p.v_stride_s, p.head_dim, p.vec_v != 0};
-    quantize_v_block_fp8<kHeadDim>(p, kv_job, rows, span.len, stat(p.v_min), stat(p.v_max), stat(p.v_mean),
-                                   whole_cta());
+    quantize_v_block_fp8<kHeadDim>(p, job - nq - nk);
   }
 }
 

@@ -35,7 +35,7 @@ template <int kHeadDim>
 __device__ __forceinline__ void quantize_q_block_fp4(const QuantFp4Params& p, int job) {
   using G = WarpRows<kHeadDim, 16>;
   __shared__ float col_sum[8][kHeadDim];
-  const JobLanes<kHeadDim, 16> j(job, p.q_blocks, p.heads_q, threadIdx.x);
+  const JobLanes<kHeadDim, 16> j(job, p.q_blocks, p.heads_q);
   const int hkv = j.h / (p.heads_q / p.heads_kv);
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
   const u16* src = rows_of(p.q, p.q_stride_b, p.q_stride_h, p.q_stride_s, 0, j.b, j.h, SeqSpan{0, p.seq_q});
@@ -108,7 +108,7 @@ __device__ __forceinline__ void quantize_q_block_fp4(const QuantFp4Params& p, in
 template <int kHeadDim>
 __device__ __forceinline__ void quantize_k_block_fp4(const QuantFp4Params& p, int job) {
   using G = WarpRows<kHeadDim, 8>;
-  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv, threadIdx.x);
+  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv);
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
   const u16* src = rows_of(p.k, p.k_stride_b, p.k_stride_h, p.k_stride_s, 0, j.b, j.h, SeqSpan{0, p.seq_k});
   float mean[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -139,7 +139,7 @@ template <int kHeadDim>
 __device__ __forceinline__ void quantize_v_block_fp4(const QuantFp4Params& p, int job) {
   using G = WarpRows<kHeadDim, 8>;
   __shared__ float tile[kHeadDim][kKBlockRows + 1];
-  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv, threadIdx.x);
+  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv);
   const bool is_bf16 = p.in_dtype == kDtypeBf16;
   const u16* src = rows_of(p.v, p.v_stride_b, p.v_stride_h, p.v_stride_s, 0, j.b, j.h, SeqSpan{0, p.seq_k});
 #pragma unroll

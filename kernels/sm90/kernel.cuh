@@ -16,7 +16,6 @@
 #include "../common/qk_int8_mma.cuh"  // mask_scores
 #include "../common/visible_keys.cuh"
 #include "async_copy.cuh"
-#include "quantize_kv.cuh"  // the tree's one-pass K/V quantizer (a launch of its own)
 #include "traits.cuh"
 
 namespace sageattn {

@@ -19,12 +19,10 @@ caching allocator:
 * sm89: optional ``sm89_channel_stats`` on K (mean), ``sm89_channel_stats`` on V (min/max,
   and mean with ``smooth_v``), one fused quantize launch (Q, K to INT8, V to a transposed
   E4M3 tile), one attention launch.
-* sm90: ``sm90_quantize_kv_fp8`` (K and V read once: thread-block clusters take the channel
-  statistics and quantize; ``SM90_KV_ONE_PASS``, else the sm89 sequence), the sm89 quantize
-  kernel for Q alone, then the attention kernel with three tensor maps over the quantized
-  operands (cached by address and geometry); for hd128 non-causal calls the Q map covers the
-  caller's Q, which the kernel quantizes itself, and no Q quantize launch runs
-  (``SM90_QUANTIZE_Q_IN_KERNEL``).
+* sm90: the sm89 sequence (its quantizer, compiled for sm_90a), then the attention kernel with
+  three tensor maps over the quantized operands (cached by address and geometry); for hd128
+  non-causal calls the Q map covers the caller's Q, which the kernel quantizes itself, and the
+  quantize launch skips Q (``SM90_QUANTIZE_Q_IN_KERNEL``).
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ from . import _abi, _loader, dispatch
 __all__ = ["attention", "sm80_forward", "sm89_forward", "sm90_forward", "kernel_names",
            "sm80_kernel_names", "sm89_kernel_names", "sm90_kernel_names",
            "attention_kernel_only", "quantized_operands", "ALWAYS_USE_OP", "POISON",
-           "SM90_QUANTIZE_Q_IN_KERNEL", "SM90_KV_ONE_PASS"]
+           "SM90_QUANTIZE_Q_IN_KERNEL"]
 
 ALWAYS_USE_OP = False
 # Debug aid: fill every buffer the kernels should write (temporaries, out, lse) with NaN
@@ -54,13 +52,6 @@ POISON = os.environ.get("SAGEATTN_DEBUG_POISON", "") not in ("", "0")
 # within +-2%: the per-CTA prologue eats the saving; NOTES.md sm90 v13). True: wherever it can
 # (tests), False: never.
 SM90_QUANTIZE_Q_IN_KERNEL = "auto"
-# Whether the sm90 path quantizes K and V with one read of each (sm90_quantize_kv_fp8: a cluster
-# of _KV_CLUSTER CTAs per head keeps its blocks on chip across the channel statistics) instead
-# of the channel-stats launches followed by the quantize launch (two reads), where a CTA's share
-# fits its shared memory (S <= 6144 at hd128, 12288 at hd64). Measured slower than the two passes
-# at every length on the H200 (4k: 277 vs ~221 us for K and V; NOTES.md), so off.
-SM90_KV_ONE_PASS = False
-_KV_CLUSTER = 8  # kernels/sm90/quantize_kv.cuh kKvCluster
 
 _DTYPE_CODE = {torch.float16: _abi.DTYPE_FP16, torch.bfloat16: _abi.DTYPE_BF16}
 _GRAN_CODE = {"per_thread": _abi.GRAN_PER_THREAD, "per_warp": _abi.GRAN_PER_WARP}
@@ -182,11 +173,9 @@ def _current_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _launch(k: _loader.Kernel, device: int, grid: tuple, params, stream: int,
-            smem: Optional[int] = None) -> None:
-    """``smem``: dynamic shared memory for this launch (at most the manifest's, the default)."""
-    _loader.ext().launch(device, k.function, grid, (k.threads, 1, 1),
-                         k.smem if smem is None else smem, stream, bytes(params))
+def _launch(k: _loader.Kernel, device: int, grid: tuple, params, stream: int) -> None:
+    _loader.ext().launch(device, k.function, grid, (k.threads, 1, 1), k.smem, stream,
+                         bytes(params))
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -208,7 +197,7 @@ def _channel_stats(kernel, ordinal, stream, x, geometry, strides, head_dim, d_pa
 
 def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
                   qk_quant_gran, smooth_k, tree, names, fp8_pv, block_mask=None, varlen=None,
-                  kernel_only=False, tensor_maps=False, quantize_only=False, kv_one_pass=None):
+                  kernel_only=False, tensor_maps=False, quantize_only=False):
     """The launch sequence of the INT8-QK trees (sm80: fp16 V; sm89 and sm90: ``fp8_pv`` =
     (v_scale_max, smooth_v), E4M3 V^T tiles with per-channel scales). ``tensor_maps``: the
     attention kernel takes ``Sm90AttnParams`` (tensor maps over the quantized operands).
@@ -219,10 +208,7 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
     ``kernel_only``: quantize now and return a function that launches only the attention
     kernel (bench/: the kernel's time without the quantization passes).
     ``quantize_only``: launch only the channel-stats and quantize kernels and return their
-    buffers by name (``quantized_operands``).
-    ``kv_one_pass``: the name of the sm90 one-pass K/V quantizer, which replaces the
-    channel-stats launches and the quantize launch's K and V jobs (FP8 V only) where a CTA's
-    share of a head fits its shared memory (else the two-pass sequence runs)."""
+    buffers by name (``quantized_operands``)."""
     if varlen is None:
         qh, kh, vh = (_hnd(x, tensor_layout) for x in (q, k, v))
         B, Hq, Sq, D = qh.shape
@@ -246,12 +232,6 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
         stats_kernel, quant_kernel, attn_kernel = (
             _loader.kernel(tree, n, ordinal) for n in names)
         stream = _current_stream(dev)
-        kv_kernel = None
-        if kv_one_pass is not None:
-            # Each CTA of a cluster takes ceil(k_blocks / cluster) 64-key blocks and keeps them.
-            kv_kernel = _loader.kernel(tree, kv_one_pass, ordinal)
-            kv_smem = -(-k_blocks // _KV_CLUSTER) * _K_BLOCK * d_pad * 2
-            kv_kernel = kv_kernel if kv_smem <= kv_kernel.smem else None
         if varlen is None:
             out = _empty((B, Hq, Sq, D) if tensor_layout == "HND" else (B, Sq, Hq, D), q.dtype, dev)
             out_h = _hnd(out, tensor_layout)
@@ -287,10 +267,10 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             "v_mean": v_stat if fp8_v and fp8_pv[1] else None})
         k_mean, v_mean, v_min, v_max = (scratch[n] for n in ("k_mean", "v_mean", "v_min", "v_max"))
 
-        if smooth_k and kv_kernel is None:
+        if smooth_k:
             _channel_stats(stats_kernel, ordinal, stream, kh, (B, Hkv, Sk), ks, D, d_pad,
                            dtype_code, cu_seqlens=cu_k, mean=k_mean)
-        if fp8_v and kv_kernel is None:
+        if fp8_v:
             _channel_stats(stats_kernel, ordinal, stream, vh, (B, Hkv, Sk), vs, D, d_pad,
                            dtype_code, cu_seqlens=cu_k, mean=v_mean, minimum=v_min, maximum=v_max)
 
@@ -310,13 +290,7 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             v_max=v_max, v_scale_max=fp8_pv[0] if fp8_v else 0.0,
             cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k))
         q_jobs = 0 if q_in_kernel else B * Hq * q_blocks
-        if kv_kernel is not None:  # before the Q jobs, which read K's mean (LSE correction)
-            _launch(kv_kernel, ordinal, (2 * B * Hkv * _KV_CLUSTER, 1, 1), p, stream,
-                    smem=kv_smem)
-            if q_jobs:  # grid = the Q jobs only: the kernel's K and V jobs come after them
-                _launch(quant_kernel, ordinal, (q_jobs, 1, 1), p, stream)
-        else:
-            _launch(quant_kernel, ordinal, (q_jobs + 2 * B * Hkv * k_blocks, 1, 1), p, stream)
+        _launch(quant_kernel, ordinal, (q_jobs + 2 * B * Hkv * k_blocks, 1, 1), p, stream)
         if quantize_only:
             return {name: scratch.view(name) for name in _Scratch.NAMES}
 
@@ -491,9 +465,7 @@ def sm90_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
         names=sm90_kernel_names(q.shape[-1], pv_accum_dtype, block_mask is not None, is_causal),
         fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)), block_mask=block_mask,
-        varlen=varlen, kernel_only=kernel_only, quantize_only=quantize_only, tensor_maps=True,
-        kv_one_pass=f"sm90_quantize_kv_fp8_hd{64 if q.shape[-1] <= 64 else 128}"
-        if SM90_KV_ONE_PASS else None)
+        varlen=varlen, kernel_only=kernel_only, quantize_only=quantize_only, tensor_maps=True)
 
 
 dispatch.RUNNERS["sm80"] = sm80_forward
