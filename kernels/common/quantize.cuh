@@ -70,6 +70,32 @@ __device__ __forceinline__ void load_row_chunk8(const u16* row, int d0, int dim,
   bits8_to_float(load_row_bits8(row, d0, dim, vec), is_bf16, x);
 }
 
+/// Running per-channel sum / min / max of 8 consecutive channels over the rows added in turn.
+struct ChannelRun8 {
+  float sum[8], lo[8], hi[8];
+  __device__ __forceinline__ ChannelRun8() {
+    const float inf = __int_as_float(0x7f800000);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum[i] = 0.f, lo[i] = inf, hi[i] = -inf;
+  }
+  __device__ __forceinline__ void add(const uint4& raw, bool is_bf16) {
+    float x[8];
+    bits8_to_float(raw, is_bf16, x);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum[i] += x[i], lo[i] = fminf(lo[i], x[i]), hi[i] = fmaxf(hi[i], x[i]);
+  }
+  /// Into part[0 / 1 / 2][row_lane][c0 .. c0 + 7] (shared partials: sum, min, max).
+  template <class Partials>
+  __device__ __forceinline__ void store(Partials& part, int row_lane, int c0) const {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      part[0][row_lane][c0 + i] = sum[i];
+      part[1][row_lane][c0 + i] = lo[i];
+      part[2][row_lane][c0 + i] = hi[i];
+    }
+  }
+};
+
 /// @brief Per-channel mean / min / max over tokens (fp32, (B, H, D_pad) each; null outputs
 /// skipped). Grid (D_pad/64, H, B), 256 threads: 8 lanes cover 64 channels, 32 row lanes stride
 /// the tokens; fixed-order reduction, so the result is deterministic.
@@ -88,9 +114,7 @@ __device__ __forceinline__ void channel_stats(const ChannelStatsParams& p) {
   const SeqSpan span = seq_span(p.cu_seqlens, b, p.seq);
   const u16* base = rows_of(p.src, p.src_stride_b, p.src_stride_h, p.src_stride_s, p.cu_seqlens, b, h, span);
   const float inf = __int_as_float(0x7f800000);
-  float sum[8], lo[8], hi[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) sum[i] = 0.f, lo[i] = inf, hi[i] = -inf;
+  ChannelRun8 run;
   for (int s0 = row_lane; s0 < span.len; s0 += 32 * kStatsBatch) {
     uint4 raw[kStatsBatch];
 #pragma unroll
@@ -102,18 +126,10 @@ __device__ __forceinline__ void channel_stats(const ChannelStatsParams& p) {
 #pragma unroll
     for (int r = 0; r < kStatsBatch; ++r) {
       if (s0 + 32 * r >= span.len) break;
-      float x[8];
-      bits8_to_float(raw[r], is_bf16, x);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) sum[i] += x[i], lo[i] = fminf(lo[i], x[i]), hi[i] = fmaxf(hi[i], x[i]);
+      run.add(raw[r], is_bf16);
     }
   }
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    partial[0][row_lane][chunk * 8 + i] = sum[i];
-    partial[1][row_lane][chunk * 8 + i] = lo[i];
-    partial[2][row_lane][chunk * 8 + i] = hi[i];
-  }
+  run.store(partial, row_lane, chunk * 8);
   __syncthreads();
   if (threadIdx.x < 64) {
     float total = 0.f, mn = inf, mx = -inf;

@@ -70,24 +70,14 @@ __device__ __forceinline__ void kv_stats_chunk(const QuantParams& p, const KvWor
     const int s = first + j * kRowLanes;
     raw[j] = s < span.len ? load_row_bits8(src + s * stride, d0, p.head_dim, vec) : make_uint4(0u, 0u, 0u, 0u);
   }
-  const float inf = __int_as_float(0x7f800000);
-  float sum[8], lo[8], hi[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) sum[i] = 0.f, lo[i] = inf, hi[i] = -inf;
+  ChannelRun8 run;
 #pragma unroll
   for (int j = 0; j < kRowsPerLane; ++j) {
     if (first + j * kRowLanes >= span.len) break;
-    float x[8];
-    bits8_to_float(raw[j], is_bf16, x);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) sum[i] += x[i], lo[i] = fminf(lo[i], x[i]), hi[i] = fmaxf(hi[i], x[i]);
+    run.add(raw[j], is_bf16);
   }
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    lane_part[0][row_lane][d0 + i] = sum[i];
-    lane_part[1][row_lane][d0 + i] = lo[i];
-    lane_part[2][row_lane][d0 + i] = hi[i];
-  }
+  run.store(lane_part, row_lane, d0);
+  const float inf = __int_as_float(0x7f800000);
   __syncthreads();
   const int d = threadIdx.x;  // threads < kHeadDim: one channel each
   float* mine = partials + (static_cast<long long>(unit) * w.chunks + chunk) * 3 * kHeadDim;
