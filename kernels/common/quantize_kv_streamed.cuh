@@ -1,10 +1,12 @@
 // K and V quantized with one read from DRAM. K's channel mean and V's channel min/max depend
 // on every token of a head, so the two-pass sequence reads K and V twice (channel-stats
-// launches, then the quantize launch). Here one launch of a few CTAs per SM takes jobs from two
-// tickets: statistics of a 128-key chunk, and quantization of a chunk, which becomes possible
-// once its head's statistics are complete. Tickets run in the same head order, so a chunk is
-// read again within a window of about (CTAs x chunk bytes) of the first read: from L2, not
-// DRAM. No CTA ever waits for work nobody has taken, so any grid size is deadlock-free.
+// launches, then the quantize launch). Here one launch of a few CTAs per SM takes jobs from one
+// ticket counter: statistics of a 128-key chunk, and quantization of a chunk, which becomes
+// possible once its head's statistics are complete. The ticket order (kv_job_of_ticket) puts a
+// head's statistics a fixed lag of tickets ahead of its quantization, so a chunk is read again
+// within a window of about (lag x 48 KiB) of traffic: from L2, not DRAM. Each CTA takes its next
+// ticket while it works on the current job (the atomic's latency hidden), and a job waits only
+// on jobs of lower tickets, which CTAs already running hold: deadlock-free for any grid size.
 //
 // Statistics, deterministic: chunk c's 256 threads add rows c*128 + l, + kRowLanes, ... per row
 // lane l from +0, lane sums in lane order, into the chunk's partial; the head's last chunk to
@@ -25,10 +27,11 @@ struct KvWorkLayout {
   int units, chunks;  // units: K's (b, h) then V's; chunks per unit
   __device__ __forceinline__ KvWorkLayout(const QuantParams& p)
       : units(2 * p.batch * p.heads_kv), chunks((p.k_blocks + kKvChunkBlocks - 1) / kKvChunkBlocks) {}
-  // [0] statistics ticket, [1] quantization ticket, [2 + 2u] chunks of unit u done, [3 + 2u] its
-  // statistics ready (ops.py: _kv_work_bytes mirrors this).
-  static constexpr int kTicketStats = 0, kTicketQuant = 1;
-  __device__ __forceinline__ int counter_words() const { return 2 + 2 * units; }
+  // [0] the ticket, [1 + 2u] chunks of unit u done, [2 + 2u] its statistics ready (ops.py:
+  // _kv_work_bytes mirrors this).
+  __device__ __forceinline__ int counter_words() const { return 1 + 2 * units; }
+  __device__ __forceinline__ unsigned* done_count(unsigned* c, int unit) const { return c + 1 + 2 * unit; }
+  __device__ __forceinline__ unsigned* ready_flag(unsigned* c, int unit) const { return c + 2 + 2 * unit; }
   __device__ __forceinline__ long long partials_offset_bytes() const {
     return (static_cast<long long>(counter_words()) * 4 + 255) / 256 * 256;
   }
@@ -92,12 +95,14 @@ __device__ __forceinline__ void kv_stats_chunk(const QuantParams& p, const KvWor
     // Only what the head needs travels: K's sum (when smoothing), V's min/max (and sum).
     if (is_k ? p.k_mean != 0 : p.v_mean != 0) mine[d] = total;
     if (!is_k) mine[kHeadDim + d] = mn, mine[2 * kHeadDim + d] = mx;
-    __threadfence();  // the partial before the count (the last chunk reads it)
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    last_chunk = atomicAdd(&counters[2 + 2 * unit], 1u) == static_cast<unsigned>(w.chunks - 1);
-    if (last_chunk) __threadfence();  // and every other chunk's partial after it
+    // The CTA's partial (ordered before this fence by the barrier) before the count; the last
+    // chunk fences again so every other chunk's partial is read after their counts.
+    __threadfence();
+    last_chunk = atomicAdd(w.done_count(counters, unit), 1u) == static_cast<unsigned>(w.chunks - 1);
+    if (last_chunk) __threadfence();
   }
   __syncthreads();
   if (!last_chunk) return;
@@ -117,56 +122,59 @@ __device__ __forceinline__ void kv_stats_chunk(const QuantParams& p, const KvWor
     if (is_k && p.k_mean != 0) reinterpret_cast<float*>(p.k_mean)[i] = mean;
     if (!is_k && p.v_mean != 0) reinterpret_cast<float*>(p.v_mean)[i] = mean;
     if (!is_k) reinterpret_cast<float*>(p.v_min)[i] = mn, reinterpret_cast<float*>(p.v_max)[i] = mx;
-    __threadfence();  // the statistics before the flag
   }
-  __syncthreads();
-  if (threadIdx.x == 0) store_release_gpu(&counters[3 + 2 * unit], 1u);
+  __syncthreads();  // the statistics (cumulatively, through the barrier) before the flag
+  if (threadIdx.x == 0) store_release_gpu(w.ready_flag(counters, unit), 1u);
 }
 
-/// @brief Grid: any size (a few CTAs per SM: the re-read window is CTAs x 2 blocks); 256
-/// threads. Fills what the channel-stats launches and the quantize launch's K and V jobs fill.
+/// A ticket's job: the first `lag` tickets are statistics jobs, then statistics and
+/// quantization jobs alternate (quantization first) until the statistics run out, then the rest
+/// of the quantization jobs. Job j of either kind is chunk j % chunks of unit j / chunks, so
+/// quantization job q waits on statistics jobs <= q + chunks - 1, whose tickets are at least
+/// 2 * (lag - chunks) + 1 lower (lag >= 2 * chunks).
+struct KvJob {
+  bool stats;
+  int index;  // < 0: no job left
+};
+
+__device__ __forceinline__ KvJob kv_job_of_ticket(unsigned ticket, int jobs, int lag) {
+  if (ticket >= 2u * static_cast<unsigned>(jobs)) return {false, -1};
+  const int t = static_cast<int>(ticket);
+  if (t < lag) return {true, t};
+  const int r = t - lag, paired = 2 * (jobs - lag);
+  if (r < paired) return (r & 1) ? KvJob{true, lag + r / 2} : KvJob{false, r / 2};
+  return {false, jobs - lag + (r - paired)};
+}
+
+/// @brief Grid: any size (a few CTAs per SM); 256 threads. Fills what the channel-stats launches
+/// and the quantize launch's K and V jobs fill.
 template <int kHeadDim>
 __device__ __forceinline__ void quantize_kv_fp8_streamed(const QuantParams& p) {
   const KvWorkLayout w(p);
   unsigned* counters = reinterpret_cast<unsigned*>(p.kv_work);
   float* partials = reinterpret_cast<float*>(p.kv_work + w.partials_offset_bytes());
-  const unsigned jobs = static_cast<unsigned>(w.units) * w.chunks;  // of each kind
-  enum { kExit, kStats, kQuant };
-  __shared__ int next_kind, next_job;
-  constexpr int kNone = -1, kNoMore = -2;
-  int pending = kNone;  // thread 0: the quantization ticket it holds
-  for (;;) {
+  const int jobs = w.units * w.chunks;  // of each kind
+  // The lag: enough tickets that a head's statistics are done (not just taken: every CTA holds
+  // two tickets) when its quantization starts, and no more (the re-read window grows with it).
+  const int lag = min(jobs, static_cast<int>(gridDim.x) + 2 * w.chunks);
+  __shared__ KvJob slot[2];  // thread 0 -> the CTA, alternating (one barrier per job)
+  unsigned next = 0;
+  if (threadIdx.x == 0) next = atomicAdd(counters, 1u);
+  for (int round = 0;; ++round) {
     if (threadIdx.x == 0) {
-      if (pending == kNone) {
-        const unsigned t = atomicAdd(&counters[KvWorkLayout::kTicketQuant], 1u);
-        pending = t < jobs ? static_cast<int>(t) : kNoMore;
+      const KvJob job = kv_job_of_ticket(next, jobs, lag);
+      if (job.index >= 0) next = atomicAdd(counters, 1u);  // used next round: latency hidden
+      if (job.index >= 0 && !job.stats) {
+        const unsigned* ready = w.ready_flag(counters, job.index / w.chunks);
+        while (load_acquire_gpu(ready) == 0) __nanosleep(128);
       }
-      for (;;) {
-        if (pending >= 0 && load_acquire_gpu(&counters[3 + 2 * (pending / w.chunks)]) != 0) {
-          next_kind = kQuant, next_job = pending, pending = kNone;
-          break;
-        }
-        // Statistics jobs never wait, so whoever holds an unready ticket makes progress here.
-        if (*reinterpret_cast<volatile unsigned*>(&counters[KvWorkLayout::kTicketStats]) < jobs) {
-          const unsigned t = atomicAdd(&counters[KvWorkLayout::kTicketStats], 1u);
-          if (t < jobs) {
-            next_kind = kStats, next_job = static_cast<int>(t);
-            break;
-          }
-        }
-        if (pending == kNoMore) {
-          next_kind = kExit;
-          break;
-        }
-        __nanosleep(256);  // every statistics job is taken: their CTAs finish them
-      }
+      slot[round & 1] = job;
     }
     __syncthreads();
-    const int kind = next_kind, job = next_job;
-    __syncthreads();  // thread 0 rewrites them next round
-    if (kind == kExit) return;
-    const int unit = job / w.chunks, chunk = job % w.chunks;
-    if (kind == kStats) {
+    const KvJob job = slot[round & 1];
+    if (job.index < 0) return;
+    const int unit = job.index / w.chunks, chunk = job.index % w.chunks;
+    if (job.stats) {
       kv_stats_chunk<kHeadDim>(p, w, unit, chunk, counters, partials);
     } else {
       const int heads = p.batch * p.heads_kv;

@@ -189,7 +189,7 @@ def _current_stream(device: torch.device) -> int:
 
 def _kv_work_bytes(units: int, chunks: int, d_pad: int) -> tuple:
     """(counter bytes, total bytes) of the streamed K/V quantizer's work area (KvWorkLayout)."""
-    counters = -(-(2 + 2 * units) * 4 // 256) * 256
+    counters = -(-(1 + 2 * units) * 4 // 256) * 256
     return counters, counters + units * chunks * 3 * d_pad * 4
 
 
@@ -317,7 +317,7 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k), kv_work=scratch["kv_work"])
         q_jobs = 0 if q_in_kernel else B * Hq * q_blocks
         if kv_kernel is not None:  # before the Q jobs, which read K's mean (LSE correction)
-            scratch.zero("kv_work", kv_counter_bytes)  # the job tickets and head counts
+            scratch.zero("kv_work", kv_counter_bytes)  # the ticket and head counts
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             _launch(kv_kernel, ordinal, (min(kv_units * kv_chunks, sms * _KV_CTAS_PER_SM), 1, 1),
                     p, stream)
