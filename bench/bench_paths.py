@@ -4,8 +4,6 @@ alone), against torch SDPA's cuDNN and flash backends, in one run on one GPU.
 Methods (``--methods``, default all that run here):
   auto            sageattn.sageattn, the path the dispatch table picks (sm90 on an H100)
   sm90            sageattn.sageattn(path="sm90"): wgmma INT8 QK + FP8 PV, "fp32+fp32"
-  sm90_two_pass   as sm90 with ops.SM90_KV_STREAMED off (K/V channel stats, then quantize);
-                  named in --methods only
   sm90_kernel     the sm90 attention kernel alone on pre-quantized inputs
                   (ops.attention_kernel_only)
   sm80            sageattn.sageattn(path="sm80"): INT8 QK, FP16 PV, "fp32"
@@ -92,19 +90,6 @@ def _call_fp8_sm89(acc):
     return prepare
 
 
-def _call_two_pass_kv(**kw):
-    """A whole call with ops.SM90_KV_STREAMED off (channel stats, then the quantize launch)."""
-    def prepare(q, k, v, causal):
-        def run():
-            saved, ops.SM90_KV_STREAMED = ops.SM90_KV_STREAMED, False
-            try:
-                return sageattn.sageattn(q, k, v, is_causal=causal, **kw)
-            finally:
-                ops.SM90_KV_STREAMED = saved
-        return run
-    return prepare
-
-
 def _kernel_only(path):
     def prepare(q, k, v, causal):
         # Quantizes once here; the returned launcher runs only the attention kernel.
@@ -126,8 +111,6 @@ METHODS = {
     "auto": Method("sageattn (auto path)", "auto", None, _call()),
     "sm90": Method("sageattn sm90 (wgmma INT8 QK, FP8 PV, fp32+fp32)", "sm90", None,
                    _call(path="sm90")),
-    "sm90_two_pass": Method("sageattn sm90, K/V quantized in two passes", "sm90", None,
-                            _call_two_pass_kv(path="sm90")),
     "sm90_kernel": Method("sm90 kernel alone (pre-quantized)", "sm90", None,
                           _kernel_only("sm90"), whole_call=False),
     "sm80": Method("sageattn sm80 (INT8 QK, FP16 PV, fp32)", "sm80", None, _call(path="sm80")),
@@ -146,10 +129,7 @@ BASELINE = "cudnn"
 _RUN_ORDER = ("cudnn", "flash")
 QUICK = dict(head_dims=[128], seqlens=[4096, 16384],
              methods=["sm90", "sm90_kernel", "cudnn", "flash"])
-# Opt-in methods (named in --methods only): A/B comparisons of an internal choice.
-OPT_IN = ("sm90_two_pass",)
-FULL = dict(head_dims=[64, 128], seqlens=[1024, 2048, 4096, 8192, 16384],
-            methods=[m for m in METHODS if m not in OPT_IN])
+FULL = dict(head_dims=[64, 128], seqlens=[1024, 2048, 4096, 8192, 16384], methods=list(METHODS))
 
 # Issue 3's numbers (H100, DESIGN.md section 7): SageAttention 2.2.0's Hopper path, whole call,
 # hd128 bf16, TOPS at S = 1k, 2k, 4k, 8k, 16k; and the card's measured FP8 GEMM rate.

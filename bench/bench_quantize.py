@@ -5,13 +5,10 @@ D=128 bf16 HND, S = 1k, 4k, 16k by default, each tree this GPU runs (sm90 on an 
 
     python bench/bench_quantize.py                   # sm90 (or the newest tree here)
     python bench/bench_quantize.py --trees sm80 sm89 sm90 --seqs 1024 4096 16384
-    python bench/bench_quantize.py --sm90-both      # sm90 streamed K/V and the two-pass sequence
 
 Bytes per launch (what the kernel must move at least): channel stats reads one (B, H, S, D)
 16-bit tensor; the quantize launch reads Q, K, V and writes INT8 Q and K and V (E4M3 V^T tiles
-on sm89/sm90, fp16 on sm80) padded to whole blocks, plus scales (counted, small). The sm90
-streamed K/V launch (ops.SM90_KV_STREAMED) reads K and V once and writes their quantized forms;
-the quantize launch after it does Q alone.
+on sm89/sm90, fp16 on sm80) padded to whole blocks, plus scales (counted, small).
 """
 
 from __future__ import annotations
@@ -39,15 +36,13 @@ def _device_us(prof) -> dict:
     return out
 
 
-def _bytes(tree: str, B: int, H: int, S: int, D: int, streamed: bool = False) -> dict:
+def _bytes(tree: str, B: int, H: int, S: int, D: int) -> dict:
     d_pad = 64 if D <= 64 else 128
     qb, kb = -(-S // 128), -(-S // 64)
     src = B * H * S * D * 2
     q_out = B * H * qb * 128 * d_pad + B * H * qb * 64 * 4
     k_out = B * H * kb * 64 * d_pad + B * H * kb * 4 * 4
     v_out = B * H * kb * 64 * d_pad * (2 if tree == "sm80" else 1)
-    if streamed:
-        return {"quantize_kv": 2 * src + k_out + v_out, "quantize": src + q_out}
     return {"channel_stats": src, "quantize": 3 * src + q_out + k_out + v_out}
 
 
@@ -66,23 +61,18 @@ def run(tree: str, S: int, B: int, H: int, D: int, iters: int) -> list:
             quantize()
         torch.cuda.synchronize()
     per_kernel = _device_us(prof)
-    # Which sequence ran: the streamed K/V launch or the channel stats + K/V jobs.
-    streamed = any("quantize_kv" in name for name in per_kernel)
-    moved = _bytes(tree, B, H, S, D, streamed)
+    moved = _bytes(tree, B, H, S, D)
     rows = []
-    label = f"{tree} streamed K/V" if streamed else tree
     for name, us in sorted(per_kernel.items()):
-        kind = ("channel_stats" if "channel_stats" in name else
-                "quantize_kv" if "quantize_kv" in name else
-                "quantize" if "quantize" in name else None)
+        kind = "channel_stats" if "channel_stats" in name else ("quantize" if "quantize" in name
+                                                               else None)
         if kind is None:
             continue
         # The K and V stats launches share a name: ``us`` is their mean per launch.
-        rows.append((label, S, name, us, moved[kind] / (us * 1e-6) / 1e9))
+        rows.append((tree, S, name, us, moved[kind] / (us * 1e-6) / 1e9))
     whole_ms, timer = median_ms(quantize, warmup_ms=25, rep_ms=200)
-    total = (sum(moved.values()) if streamed else
-             moved["quantize"] + moved["channel_stats"] * (2 if tree != "sm80" else 1))
-    rows.append((label, S, f"whole quantization ({timer})", whole_ms * 1e3,
+    total = moved["quantize"] + moved["channel_stats"] * (2 if tree != "sm80" else 1)
+    rows.append((tree, S, f"whole quantization ({timer})", whole_ms * 1e3,
                  total / (whole_ms * 1e-3) / 1e9))
     del q, k, v
     torch.cuda.empty_cache()
@@ -97,8 +87,6 @@ def main(argv) -> int:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--sm90-both", action="store_true",
-                    help="time the sm90 tree with the streamed K/V launch and without")
     args = ap.parse_args(argv)
     cap = torch.cuda.get_device_capability()
     runnable = [t for t, c in _MIN_CAPABILITY.items() if cap >= c and (t != "sm90" or cap == (9, 0))]
@@ -111,15 +99,10 @@ def main(argv) -> int:
     print("| tree | S | kernel | us / launch | GB/s |")
     print("|---|---|---|---|---|")
     for t in trees:
-        modes = (True, False) if t == "sm90" and args.sm90_both else \
-            ((ops.SM90_KV_STREAMED,) if t == "sm90" else (False,))
         for S in args.seqs:
-            for streamed in modes:
-                if t == "sm90":
-                    ops.SM90_KV_STREAMED = streamed
-                for tree, s, name, us, gbs in run(t, S, args.batch, args.heads, args.head_dim,
-                                                 args.iters):
-                    print(f"| {tree} | {s} | {name} | {us:.1f} | {gbs:.0f} |")
+            for tree, s, name, us, gbs in run(t, S, args.batch, args.heads, args.head_dim,
+                                             args.iters):
+                print(f"| {tree} | {s} | {name} | {us:.1f} | {gbs:.0f} |")
     return 0
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    kind: str            # "channel_stats" | "quantize" | "quantize_kv" | "attention"
+    kind: str            # "channel_stats" | "quantize" | "attention"
     params: str          # struct in kernels/common/params.h
     call: str            # C++ expression run by the wrapper, with `p` the params
     threads: int
@@ -93,11 +93,6 @@ def _sm90_kernels():
         rows.append(Kernel(
             f"sm90_quantize_qk_int8_v_fp8_hd{hd}", "quantize", "QuantParams",
             f"sageattn::quantize_qk_int8_v_fp8<{hd}>(p)", threads=256, head_dim=hd))
-    for hd in (64, 128):  # K and V read once from DRAM (statistics and quantization jobs)
-        rows.append(Kernel(
-            f"sm90_quantize_kv_fp8_hd{hd}", "quantize_kv", "QuantParams",
-            f"sageattn::quantize_kv_fp8_streamed<{hd}>(p)", threads=256, min_blocks=3,
-            head_dim=hd))
     # "fp32+fp32": each 128-key step's PV from zero in the wgmma accumulator, added to O
     # (two-level); "fp32": the wgmma accumulates into O directly. Consumer warpgroups (64 query
     # rows each): three for dense hd64 kernels and for the "_q192" hd128 kernel non-causal calls

@@ -6,7 +6,7 @@
 
 namespace sageattn {
 
-constexpr unsigned kAbiVersion = 7;
+constexpr unsigned kAbiVersion = 6;
 constexpr int kDtypeFp16 = 0;
 constexpr int kDtypeBf16 = 1;
 constexpr int kGranPerThread = 0;
@@ -95,9 +95,8 @@ struct QuantParams {
   int _pad0;
   unsigned long long cu_seqlens_q;
   unsigned long long cu_seqlens_k;
-  unsigned long long kv_work;
 };
-static_assert(sizeof(QuantParams) == 288, "ABI");
+static_assert(sizeof(QuantParams) == 280, "ABI");
 #if !defined(__CUDACC_RTC__)
 static_assert(__builtin_offsetof(QuantParams, q) == 0, "ABI");
 static_assert(__builtin_offsetof(QuantParams, q_stride_b) == 8, "ABI");
@@ -143,7 +142,6 @@ static_assert(__builtin_offsetof(QuantParams, v_scale_max) == 256, "ABI");
 static_assert(__builtin_offsetof(QuantParams, _pad0) == 260, "ABI");
 static_assert(__builtin_offsetof(QuantParams, cu_seqlens_q) == 264, "ABI");
 static_assert(__builtin_offsetof(QuantParams, cu_seqlens_k) == 272, "ABI");
-static_assert(__builtin_offsetof(QuantParams, kv_work) == 280, "ABI");
 #endif
 
 struct AttnParams {

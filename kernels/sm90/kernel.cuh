@@ -14,7 +14,6 @@
 #include "../common/epilogue_mma_sync.cuh"
 #include "../common/pv_accumulate.cuh"
 #include "../common/qk_int8_mma.cuh"  // mask_scores
-#include "../common/quantize_kv_streamed.cuh"  // the tree's K/V quantizer (a launch of its own)
 #include "../common/visible_keys.cuh"
 #include "async_copy.cuh"
 #include "traits.cuh"

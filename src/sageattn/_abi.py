@@ -18,7 +18,7 @@ import ctypes
 import sys
 
 # Bump whenever a struct below changes.
-ABI_VERSION = 7
+ABI_VERSION = 6
 
 # Codes shared by Python and the kernels.
 DTYPE_FP16 = 0
@@ -81,9 +81,6 @@ class QuantParams(ctypes.Structure):
         # Varlen: const int32 (B+1) token offsets of each sequence in the packed q / k,v (or 0:
         # dense). The *_stride_b fields are then unused; seq_q / seq_k are the maxima.
         ("cu_seqlens_q", _ptr), ("cu_seqlens_k", _ptr),
-        # The streamed K/V quantizer's work area (kernels/common/quantize_kv_streamed.cuh), its
-        # counters zeroed by the caller; 0 for the other quantize kernels.
-        ("kv_work", _ptr),
     ]
 
 

@@ -19,12 +19,10 @@ caching allocator:
 * sm89: optional ``sm89_channel_stats`` on K (mean), ``sm89_channel_stats`` on V (min/max,
   and mean with ``smooth_v``), one fused quantize launch (Q, K to INT8, V to a transposed
   E4M3 tile), one attention launch.
-* sm90: ``sm90_quantize_kv_fp8`` (K and V read once from DRAM: statistics and quantization
-  jobs in one launch, ``SM90_KV_STREAMED``; else the sm89 sequence's channel-stats launches and
-  K/V jobs), the quantize launch for Q alone, then the attention kernel with three tensor maps
-  over the quantized operands (cached by address and geometry); for hd128 non-causal calls the
-  Q map covers the caller's Q, which the kernel quantizes itself, and no Q launch runs
-  (``SM90_QUANTIZE_Q_IN_KERNEL``).
+* sm90: the sm89 sequence (its quantizer, compiled for sm_90a), then the attention kernel with
+  three tensor maps over the quantized operands (cached by address and geometry); for hd128
+  non-causal calls the Q map covers the caller's Q, which the kernel quantizes itself, and the
+  quantize launch skips Q (``SM90_QUANTIZE_Q_IN_KERNEL``).
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ from . import _abi, _loader, dispatch
 __all__ = ["attention", "sm80_forward", "sm89_forward", "sm90_forward", "kernel_names",
            "sm80_kernel_names", "sm89_kernel_names", "sm90_kernel_names",
            "attention_kernel_only", "quantized_operands", "ALWAYS_USE_OP", "POISON",
-           "SM90_QUANTIZE_Q_IN_KERNEL", "SM90_KV_STREAMED"]
+           "SM90_QUANTIZE_Q_IN_KERNEL"]
 
 ALWAYS_USE_OP = False
 # Debug aid: fill every buffer the kernels should write (temporaries, out, lse) with NaN
@@ -54,13 +52,6 @@ POISON = os.environ.get("SAGEATTN_DEBUG_POISON", "") not in ("", "0")
 # within +-2%: the per-CTA prologue eats the saving; NOTES.md sm90 v13). True: wherever it can
 # (tests), False: never.
 SM90_QUANTIZE_Q_IN_KERNEL = "auto"
-# Whether the sm90 path quantizes K and V with one read from DRAM (kernels/common/
-# quantize_kv_streamed.cuh: statistics jobs, then each head's quantization jobs while its rows
-# are still in L2) instead of the channel-stats launches and the quantize launch's K/V jobs.
-# False: the two-pass sequence (benchmarks compare the two).
-SM90_KV_STREAMED = True
-_KV_CHUNK_BLOCKS = 2    # kKvChunkBlocks: 64-key blocks per job
-_KV_CTAS_PER_SM = 3     # the kernel's min_blocks; its grid (the L2 re-read window grows with it)
 
 _DTYPE_CODE = {torch.float16: _abi.DTYPE_FP16, torch.bfloat16: _abi.DTYPE_BF16}
 _GRAN_CODE = {"per_thread": _abi.GRAN_PER_THREAD, "per_warp": _abi.GRAN_PER_WARP}
@@ -167,11 +158,6 @@ class _Scratch:
         """The buffer's address, 0 when the call has no such buffer."""
         return self._address.get(name, 0)
 
-    def zero(self, name: str, nbytes: int) -> None:
-        """Zero the first ``nbytes`` of a buffer (one slice, one fill: the hot path)."""
-        offset = self._layout[name][0]
-        self.buffer[offset:offset + nbytes].zero_()
-
     def view(self, name: str) -> Optional[torch.Tensor]:
         if name not in self._layout:
             return None
@@ -185,12 +171,6 @@ def _device_guard(device: torch.device):
 
 def _current_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
-
-
-def _kv_work_bytes(units: int, chunks: int, d_pad: int) -> tuple:
-    """(counter bytes, total bytes) of the streamed K/V quantizer's work area (KvWorkLayout)."""
-    counters = -(-(1 + 2 * units) * 4 // 256) * 256
-    return counters, counters + units * chunks * 3 * d_pad * 4
 
 
 def _launch(k: _loader.Kernel, device: int, grid: tuple, params, stream: int) -> None:
@@ -217,7 +197,7 @@ def _channel_stats(kernel, ordinal, stream, x, geometry, strides, head_dim, d_pa
 
 def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
                   qk_quant_gran, smooth_k, tree, names, fp8_pv, block_mask=None, varlen=None,
-                  kernel_only=False, tensor_maps=False, quantize_only=False, kv_streamed=None):
+                  kernel_only=False, tensor_maps=False, quantize_only=False):
     """The launch sequence of the INT8-QK trees (sm80: fp16 V; sm89 and sm90: ``fp8_pv`` =
     (v_scale_max, smooth_v), E4M3 V^T tiles with per-channel scales). ``tensor_maps``: the
     attention kernel takes ``Sm90AttnParams`` (tensor maps over the quantized operands).
@@ -228,9 +208,7 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
     ``kernel_only``: quantize now and return a function that launches only the attention
     kernel (bench/: the kernel's time without the quantization passes).
     ``quantize_only``: launch only the channel-stats and quantize kernels and return their
-    buffers by name (``quantized_operands``).
-    ``kv_streamed``: name of the sm90 streamed K/V quantizer (FP8 V only), which replaces the
-    channel-stats launches and the quantize launch's K and V jobs."""
+    buffers by name (``quantized_operands``)."""
     if varlen is None:
         qh, kh, vh = (_hnd(x, tensor_layout) for x in (q, k, v))
         B, Hq, Sq, D = qh.shape
@@ -267,9 +245,6 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             lse_strides = (0, q.shape[0])
         fp8_v = fp8_pv is not None
         v_stat = ((B, Hkv, d_pad), f32) if fp8_v else None
-        kv_kernel = _loader.kernel(tree, kv_streamed, ordinal) if kv_streamed and fp8_v else None
-        kv_units, kv_chunks = 2 * B * Hkv, -(-k_blocks // _KV_CHUNK_BLOCKS)
-        kv_counter_bytes, kv_bytes = _kv_work_bytes(kv_units, kv_chunks, d_pad)
         vec_q = _vectorized(qh, qs, D)
         # Q quantized inside the sm90 kernel: no Q jobs in the quantize launch, no Q buffers.
         policy = SM90_QUANTIZE_Q_IN_KERNEL
@@ -289,14 +264,13 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             # V^T per 64-key block, keys in fp8_pv_key_slot order (docs/ARCHITECTURE.md).
             "v_fp8": ((B, Hkv, k_blocks, d_pad, _K_BLOCK), torch.uint8) if fp8_v else None,
             "v_scale": v_stat, "v_min": v_stat, "v_max": v_stat,
-            "v_mean": v_stat if fp8_v and fp8_pv[1] else None,
-            "kv_work": ((kv_bytes,), torch.uint8) if kv_kernel is not None else None})
+            "v_mean": v_stat if fp8_v and fp8_pv[1] else None})
         k_mean, v_mean, v_min, v_max = (scratch[n] for n in ("k_mean", "v_mean", "v_min", "v_max"))
 
-        if smooth_k and kv_kernel is None:
+        if smooth_k:
             _channel_stats(stats_kernel, ordinal, stream, kh, (B, Hkv, Sk), ks, D, d_pad,
                            dtype_code, cu_seqlens=cu_k, mean=k_mean)
-        if fp8_v and kv_kernel is None:
+        if fp8_v:
             _channel_stats(stats_kernel, ordinal, stream, vh, (B, Hkv, Sk), vs, D, d_pad,
                            dtype_code, cu_seqlens=cu_k, mean=v_mean, minimum=v_min, maximum=v_max)
 
@@ -314,17 +288,9 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             sm_scale=sm_scale, sm_scale_log2e=sm_scale * _LOG2E,
             v_fp8=scratch["v_fp8"], v_scale=scratch["v_scale"], v_mean=v_mean, v_min=v_min,
             v_max=v_max, v_scale_max=fp8_pv[0] if fp8_v else 0.0,
-            cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k), kv_work=scratch["kv_work"])
+            cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k))
         q_jobs = 0 if q_in_kernel else B * Hq * q_blocks
-        if kv_kernel is not None:  # before the Q jobs, which read K's mean (LSE correction)
-            scratch.zero("kv_work", kv_counter_bytes)  # the ticket and head counts
-            sms = torch.cuda.get_device_properties(dev).multi_processor_count
-            _launch(kv_kernel, ordinal, (min(kv_units * kv_chunks, sms * _KV_CTAS_PER_SM), 1, 1),
-                    p, stream)
-            if q_jobs:  # grid = the Q jobs only: the kernel's K and V jobs come after them
-                _launch(quant_kernel, ordinal, (q_jobs, 1, 1), p, stream)
-        else:
-            _launch(quant_kernel, ordinal, (q_jobs + 2 * B * Hkv * k_blocks, 1, 1), p, stream)
+        _launch(quant_kernel, ordinal, (q_jobs + 2 * B * Hkv * k_blocks, 1, 1), p, stream)
         if quantize_only:
             return {name: scratch.view(name) for name in _Scratch.NAMES}
 
@@ -499,9 +465,7 @@ def sm90_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
         names=sm90_kernel_names(q.shape[-1], pv_accum_dtype, block_mask is not None, is_causal),
         fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)), block_mask=block_mask,
-        varlen=varlen, kernel_only=kernel_only, quantize_only=quantize_only, tensor_maps=True,
-        kv_streamed=f"sm90_quantize_kv_fp8_hd{64 if q.shape[-1] <= 64 else 128}"
-        if SM90_KV_STREAMED else None)
+        varlen=varlen, kernel_only=kernel_only, quantize_only=quantize_only, tensor_maps=True)
 
 
 dispatch.RUNNERS["sm80"] = sm80_forward

@@ -5,8 +5,6 @@ correction (a dot product whose summation order the emulator does not follow).
 * Channel stats: ``stats_model`` replays the kernel's fixed summation order in fp32 (row lane
   r adds rows r, r+32, r+64, ... in turn; the 32 lane partials are then added in lane order;
   one division by the length), so the mean must match to the bit; min/max are order-free.
-  The sm90 tree's streamed K/V quantizer (``ops.SM90_KV_STREAMED``) sums per 128-key chunk in
-  another fixed order, which ``stats_model_chunked`` replays.
 * Quantize: given the kernel's own channel statistics, the emulator's quantize_q / quantize_k
   / convert_v / quantize_v_fp8 use the kernel's fp32 operations in the kernel's order
   (emulate.py says so), so INT8 codes, E4M3 codes, fp16 V and every scale must match to the
@@ -84,31 +82,6 @@ def stats_model(x: torch.Tensor, d_pad: int):
     return mean, lo, hi
 
 
-def stats_model_chunked(x: torch.Tensor, d_pad: int, chunk_rows: int = 128):
-    """sm90_quantize_kv_fp8's (mean, min, max): per chunk of ``chunk_rows`` tokens, row lane l
-    (of 256 / (d_pad / 8)) adds rows first + l, first + l + lanes, ... from +0; the lane sums
-    are added in lane order, the chunk sums in chunk order; then / S."""
-    B, H, S, D = x.shape
-    xf = x.float().cpu()
-    lanes = 256 // (d_pad // 8)
-    total = torch.zeros((B, H, d_pad), dtype=torch.float32)
-    for first in range(0, S, chunk_rows):
-        end = min(first + chunk_rows, S)
-        padded = torch.zeros((B, H, chunk_rows, d_pad), dtype=torch.float32)
-        padded[:, :, :end - first, :D] = xf[:, :, first:end]
-        steps = padded.view(B, H, chunk_rows // lanes, lanes, d_pad)
-        lane = torch.zeros((B, H, lanes, d_pad), dtype=torch.float32)
-        for t in range(chunk_rows // lanes):
-            lane = lane + steps[:, :, t]
-        chunk = torch.zeros((B, H, d_pad), dtype=torch.float32)
-        for i in range(lanes):
-            chunk = chunk + lane[:, :, i]
-        total = total + chunk
-    mean = total / torch.tensor(float(S), dtype=torch.float32)
-    _, lo, hi = stats_model(x, d_pad)
-    return mean, lo, hi
-
-
 def _sequences(x, cu):
     """(1, H, len, D) HND views of each packed varlen sequence, or the dense batch items."""
     if cu is None:
@@ -150,14 +123,13 @@ def check_identity(tree, q, k, v, *, layout="HND", gran="per_thread", smooth_k=T
     qb, kb = -(-max_q // 128), -(-max_k // 64)
     s2 = torch.tensor(sm_scale * _LOG2E, dtype=torch.float32)
     fp8 = tree != "sm80"
-    model = stats_model_chunked if tree == "sm90" and ops.SM90_KV_STREAMED else stats_model
     scale_max = emulate.v_scale_max(acc or "fp32+fp32") if fp8 else None
     for b, (qs, ks, vs) in enumerate(zip(seq_q, seq_k, seq_v)):
         qs, ks, vs = qs.cpu(), ks.cpu(), vs.cpu()
         where = f"{tree} batch {b}"
         k_mean = v_mean = None
         if smooth_k:
-            want_mean, _, _ = model(ks, d_pad)
+            want_mean, _, _ = stats_model(ks, d_pad)
             _bits_equal(f"{where} k_mean", buf["k_mean"][b:b + 1], want_mean)
             k_mean = buf["k_mean"][b:b + 1].cpu()
         q_i8, q_scale = emulate.quantize_q(qs, s2, gran, d_pad)
@@ -170,7 +142,7 @@ def check_identity(tree, q, k, v, *, layout="HND", gran="per_thread", smooth_k=T
             _bits_equal(f"{where} v_fp16", buf["v_fp16"][b:b + 1],
                         _pad_rows(emulate.convert_v(vs, d_pad), 2, kb * 64))
         else:
-            want_mean, want_lo, want_hi = model(vs, d_pad)
+            want_mean, want_lo, want_hi = stats_model(vs, d_pad)
             _bits_equal(f"{where} v_min", buf["v_min"][b:b + 1], want_lo)
             _bits_equal(f"{where} v_max", buf["v_max"][b:b + 1], want_hi)
             if smooth_v:
@@ -265,19 +237,3 @@ def test_varlen(tree, D):
     k = torch.randn(sum(lens_k), 2, D, generator=g, device="cuda").to(torch.bfloat16)
     v = torch.randn(sum(lens_k), 2, D, generator=g, device="cuda").to(torch.bfloat16)
     check_identity(tree, q, k, v, varlen=(cu_q, cu_k, max(lens_q), max(lens_k)))
-
-
-@pytest.mark.parametrize("S", (1, 1000, 4097))
-def test_sm90_two_pass_sequence(monkeypatch, S):
-    """SM90_KV_STREAMED = False: the channel-stats launches and the quantize launch's K and V
-    jobs, as on the sm89 tree."""
-    monkeypatch.setattr(ops, "SM90_KV_STREAMED", False)
-    check_identity("sm90", *make(Sq=S, Sk=S))
-    check_identity("sm90", *make(Sq=100, Sk=S, v_offset=2.0), smooth_v=True)
-
-
-def test_sm90_streamed_many_heads_long():
-    """More jobs than CTAs (each CTA takes many statistics and quantization tickets), GQA."""
-    check_identity("sm90", *make(B=2, Hq=16, Hkv=8, Sq=64, Sk=9000, D=128))
-    check_identity("sm90", *make(B=1, Hq=8, Hkv=8, Sq=64, Sk=13000, D=64, v_offset=2.0),
-                   smooth_v=True)
