@@ -79,4 +79,11 @@ __device__ __forceinline__ int quantize_int8(float x) {
   return q > 127 ? 127 : (q < -127 ? -127 : q);
 }
 
+/// @brief Round half to even and saturate to [-128, 127] in one conversion; NaN gives 0.
+__device__ __forceinline__ int round_saturate_int8(float x) {
+  int q;
+  asm("cvt.rni.sat.s8.f32 %0, %1;" : "=r"(q) : "f"(x));
+  return q;
+}
+
 }  // namespace sageattn

@@ -162,11 +162,23 @@ __device__ __forceinline__ float sum_over_row_lanes(float x) {
 }
 
 /// @brief 8 values quantized with one inverse scale, as 8 bytes (element i in byte i).
+///
+/// The values are their group's own (|x| <= amax, inv = 127/amax rounded), so x * inv is at
+/// most 127 (1 + 2^-24) in magnitude and rounds into [-127, 127]: the conversion's saturation
+/// is all the clamping needed, one instruction a value instead of three. Only inv = +inf
+/// (amax < 127 / FLT_MAX) gives +-inf, where quantize_int8's clamp keeps -127 (saturation
+/// alone would give -128); that rare group takes the clamped conversion. NaN gives 0 in both.
 __device__ __forceinline__ uint2 pack_int8x8(const float (&x)[8], float inv) {
   u32 w[2] = {0u, 0u};
+  if (inv <= 3.40282347e38f) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i)
-    w[i / 4] |= (static_cast<u32>(quantize_int8(x[i] * inv)) & 0xffu) << (8 * (i % 4));
+    for (int i = 0; i < 8; ++i)
+      w[i / 4] |= (static_cast<u32>(round_saturate_int8(x[i] * inv)) & 0xffu) << (8 * (i % 4));
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      w[i / 4] |= (static_cast<u32>(quantize_int8(x[i] * inv)) & 0xffu) << (8 * (i % 4));
+  }
   return make_uint2(w[0], w[1]);
 }
 
@@ -197,8 +209,11 @@ struct JobLanes {
   __device__ __forceinline__ JobLanes(int job, int blocks, int heads) {
     const int lane = threadIdx.x % 32;
     warp = threadIdx.x / 32;
-    blk = job % blocks, bh = job / blocks;
-    h = bh % heads, b = bh / heads;
+    // Unsigned: a signed division by a run-time divisor costs twice the instructions.
+    const unsigned bh_u = static_cast<unsigned>(job) / static_cast<unsigned>(blocks);
+    blk = job - static_cast<int>(bh_u) * blocks, bh = static_cast<int>(bh_u);
+    const unsigned b_u = bh_u / static_cast<unsigned>(heads);
+    h = bh - static_cast<int>(b_u) * heads, b = static_cast<int>(b_u);
     chunk = lane % G::kLanesPerRow, row_in_pass = lane / G::kLanesPerRow;
     d0 = chunk * 8;
   }
@@ -209,10 +224,12 @@ struct JobLanes {
 template <class G>
 __device__ __forceinline__ void load_job_rows(const u16* src, long long stride_s, int first_row,
                                               int len, int d0, int dim, bool vec, uint4 (&raw)[G::kPasses]) {
+  const u16* row = src + first_row * stride_s;  // one 64-bit product; then a pointer step a pass
+  const long long pass_stride = G::kRowsPerPass * stride_s;
 #pragma unroll
-  for (int i = 0; i < G::kPasses; ++i) {
+  for (int i = 0; i < G::kPasses; ++i, row += pass_stride) {
     const int s = first_row + i * G::kRowsPerPass;
-    raw[i] = s < len ? load_row_bits8(src + s * stride_s, d0, dim, vec) : make_uint4(0u, 0u, 0u, 0u);
+    raw[i] = s < len ? load_row_bits8(row, d0, dim, vec) : make_uint4(0u, 0u, 0u, 0u);
   }
 }
 
@@ -251,16 +268,15 @@ struct QScaleGroups {
   }
 };
 
-/// @brief Q job: 128 rows (8 warps x 16) of one (b, h, q_block).
-template <int kHeadDim>
-__device__ __forceinline__ void quantize_q_block(const QuantParams& p, int job) {
+/// @brief Q job: 128 rows (8 warps x 16) of one (b, h, q_block); kBf16: the source format.
+template <int kHeadDim, bool kBf16>
+__device__ __forceinline__ void quantize_q_block(const QuantParams& p, const JobLanes<kHeadDim, 16>& j,
+                                                 const SeqSpan& span) {
   using G = WarpRows<kHeadDim, 16>;
-  const JobLanes<kHeadDim, 16> j(job, p.q_blocks, p.heads_q);
   const int warp = j.warp, qb = j.blk, bh = j.bh, h = j.h, b = j.b, chunk = j.chunk,
             row_in_pass = j.row_in_pass, d0 = j.d0;
   const int hkv = h / (p.heads_q / p.heads_kv);
-  const bool is_bf16 = p.in_dtype == kDtypeBf16;
-  const SeqSpan span = seq_span(p.cu_seqlens_q, b, p.seq_q);
+  constexpr bool is_bf16 = kBf16;
   const u16* src = rows_of(p.q, p.q_stride_b, p.q_stride_h, p.q_stride_s, p.cu_seqlens_q, b, h, span);
 
   uint4 raw[G::kPasses];
@@ -315,16 +331,15 @@ __device__ __forceinline__ float pick4(const float (&a)[4], int i) {
 /// keys 8w..8w+7, i.e. keys 2g and 2g+1 of every group g: the warp folds its pair per group with
 /// one shuffle, and the block's 8 x 4 partial maxima meet in shared memory (max is exact and
 /// order-free, so this gives the same bits as a max over the 64 key maxima).
-template <int kHeadDim>
-__device__ __forceinline__ void quantize_k_block(const QuantParams& p, int job) {
+template <int kHeadDim, bool kBf16>
+__device__ __forceinline__ void quantize_k_block(const QuantParams& p, const JobLanes<kHeadDim, 8>& j,
+                                                 const SeqSpan& span) {
   using G = WarpRows<kHeadDim, 8>;
   constexpr int kGroups = 4;
   __shared__ __align__(16) float warp_group_amax[kQuantThreads / 32][kGroups];
-  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv);
   const int warp = j.warp, kb = j.blk, bh = j.bh, h = j.h, b = j.b, chunk = j.chunk,
             row_in_pass = j.row_in_pass, d0 = j.d0;
-  const bool is_bf16 = p.in_dtype == kDtypeBf16;
-  const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
+  constexpr bool is_bf16 = kBf16;
   const u16* src = rows_of(p.k, p.k_stride_b, p.k_stride_h, p.k_stride_s, p.cu_seqlens_k, b, h, span);
   uint4 raw[G::kPasses];
   load_job_rows<G>(src, p.k_stride_s, kb * kKBlockRows + warp * 8 + row_in_pass, span.len, d0,
@@ -381,13 +396,12 @@ __device__ __forceinline__ void quantize_k_block(const QuantParams& p, int job) 
 }
 
 /// @brief V job: 64 rows of one (b, hkv, k_block) to fp16, zero-padded.
-template <int kHeadDim>
-__device__ __forceinline__ void convert_v_block(const QuantParams& p, int job) {
+template <int kHeadDim, bool kBf16>
+__device__ __forceinline__ void convert_v_block(const QuantParams& p, const JobLanes<kHeadDim, 8>& j,
+                                                const SeqSpan& span) {
   using G = WarpRows<kHeadDim, 8>;
-  const JobLanes<kHeadDim, 8> j(job, p.k_blocks, p.heads_kv);
   const int warp = j.warp, kb = j.blk, bh = j.bh, h = j.h, b = j.b, row_in_pass = j.row_in_pass, d0 = j.d0;
-  const bool is_bf16 = p.in_dtype == kDtypeBf16;
-  const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
+  constexpr bool is_bf16 = kBf16;
   const u16* src = rows_of(p.v, p.v_stride_b, p.v_stride_h, p.v_stride_s, p.cu_seqlens_k, b, h, span);
   const i64 block_row0 = (static_cast<i64>(bh) * p.k_blocks + kb) * kKBlockRows;
   uint4 raw[G::kPasses];
@@ -420,33 +434,35 @@ __device__ __forceinline__ float channel_amax(float lo, float hi, float mean) {
 
 /// @brief V job (FP8): 64 keys of one (b, hkv, k_block) -> E4M3 V^T tile [D_pad][64 slots],
 /// per-channel scale amax/v_scale_max, mean removed when smoothing. Block 0 writes the scales.
+/// kFull: all 64 keys lie inside the sequence (no per-key checks and selects: a fifth of the
+/// job's instructions; only a sequence's last block needs them).
 ///
 /// No shared-memory transpose: a 16-byte run of a tile row (slots 16q..16q+15 of channel d)
 /// holds exactly keys 16q..16q+15 (fp8_pv_key_slot permutes within such a run), so a thread
 /// that loads kChannels channels x those 16 keys builds its tile runs in registers. Lane l takes
 /// run q = l % 4 and channel group warp * 8 + l / 4: the 4 lanes of a group write one whole
 /// 64-byte tile row, and each load of a key reads one full 32-byte sector per run.
-template <int kHeadDim>
-__device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, int job) {
+template <int kHeadDim, bool kBf16, bool kFull>
+__device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, const JobLanes<kHeadDim, 8>& j,
+                                                     const SeqSpan& span) {
   constexpr int kChannels = kHeadDim / 64;  // channels per thread: 8 warps x 8 groups x kChannels
   constexpr int kRunKeys = 16;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int run = lane % 4, d_first = (warp * 8 + lane / 4) * kChannels;
-  const int kb = job % p.k_blocks, bh = job / p.k_blocks, h = bh % p.heads_kv, b = bh / p.heads_kv;
-  const bool is_bf16 = p.in_dtype == kDtypeBf16;
-  const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
+  const int kb = j.blk, bh = j.bh, h = j.h, b = j.b;
+  constexpr bool is_bf16 = kBf16;
   const u16* src = rows_of(p.v, p.v_stride_b, p.v_stride_h, p.v_stride_s, p.cu_seqlens_k, b, h, span);
   const int first_key = kb * kKBlockRows + run * kRunKeys;
 
   // bits[k]: channels d_first.. of key first_key + k, packed like the source (zero past the end).
   u32 bits[kRunKeys];
   const bool pair_load = kChannels == 2 && p.vec_v != 0;  // 4-byte aligned channel pair
+  const u16* row = src + first_key * p.v_stride_s + d_first;  // then a pointer step a key
 #pragma unroll
-  for (int k = 0; k < kRunKeys; ++k) {
+  for (int k = 0; k < kRunKeys; ++k, row += p.v_stride_s) {
     const int s = first_key + k;
-    const u16* row = src + s * p.v_stride_s + d_first;
     u32 w = 0u;
-    if (s < span.len) {
+    if (kFull || s < span.len) {
       if (pair_load) {  // dim % 8 == 0 here: both channels real or both padding
         if (d_first < p.head_dim) w = *reinterpret_cast<const u32*>(row);
       } else {
@@ -474,7 +490,7 @@ __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, int j
 #pragma unroll
     for (int k = 0; k < kRunKeys; ++k) {
       const float x = bits16_to_float(static_cast<u16>(bits[k] >> (16 * c)), is_bf16);
-      y[k] = first_key + k < span.len ? (x - mean) * inv : 0.f;  // padded keys: +0
+      y[k] = kFull || first_key + k < span.len ? (x - mean) * inv : 0.f;  // padded keys: +0
     }
     // Slot 4c' + 2j + e of the run holds key 8j + 2c' + e (fp8_pv_key_slot).
     u32 word[4];
@@ -492,20 +508,38 @@ __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, int j
 enum class VOut { kFp16, kFp8Transposed };
 
 /// @brief One launch for all three: blocks [0, nq) quantize Q, the next nk quantize K, the
-/// last nk convert V (nq = B*Hq*q_blocks, nk = B*Hkv*k_blocks).
-template <int kHeadDim, VOut kVOut>
-__device__ __forceinline__ void quantize_qkv(const QuantParams& p) {
+/// last nk convert V (nq = B*Hq*q_blocks, nk = B*Hkv*k_blocks). The source format is a
+/// template parameter of the job bodies (quantize_qkv dispatches on it once), so a conversion
+/// is one instruction rather than a predicated pair of both.
+template <int kHeadDim, VOut kVOut, bool kBf16>
+__device__ __forceinline__ void quantize_qkv_from(const QuantParams& p) {
   const int nq = p.batch * p.heads_q * p.q_blocks;
   const int nk = p.batch * p.heads_kv * p.k_blocks;
   const int job = blockIdx.x;
   if (job < nq) {
-    quantize_q_block<kHeadDim>(p, job);
-  } else if (job < nq + nk) {
-    quantize_k_block<kHeadDim>(p, job - nq);
+    const JobLanes<kHeadDim, 16> j(job, p.q_blocks, p.heads_q);
+    quantize_q_block<kHeadDim, kBf16>(p, j, seq_span(p.cu_seqlens_q, j.b, p.seq_q));
+    return;
+  }
+  const JobLanes<kHeadDim, 8> j(job < nq + nk ? job - nq : job - nq - nk, p.k_blocks, p.heads_kv);
+  const SeqSpan span = seq_span(p.cu_seqlens_k, j.b, p.seq_k);
+  if (job < nq + nk) {
+    quantize_k_block<kHeadDim, kBf16>(p, j, span);
   } else if (kVOut == VOut::kFp16) {
-    convert_v_block<kHeadDim>(p, job - nq - nk);
+    convert_v_block<kHeadDim, kBf16>(p, j, span);
+  } else if ((j.blk + 1) * kKBlockRows <= span.len) {
+    quantize_v_block_fp8<kHeadDim, kBf16, true>(p, j, span);
   } else {
-    quantize_v_block_fp8<kHeadDim>(p, job - nq - nk);
+    quantize_v_block_fp8<kHeadDim, kBf16, false>(p, j, span);
+  }
+}
+
+template <int kHeadDim, VOut kVOut>
+__device__ __forceinline__ void quantize_qkv(const QuantParams& p) {
+  if (p.in_dtype == kDtypeBf16) {
+    quantize_qkv_from<kHeadDim, kVOut, true>(p);
+  } else {
+    quantize_qkv_from<kHeadDim, kVOut, false>(p);
   }
 }
 

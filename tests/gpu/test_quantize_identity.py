@@ -214,6 +214,27 @@ def test_gqa(tree, Hq, Hkv):
 
 
 @pytest.mark.parametrize("tree", TREES)
+@pytest.mark.parametrize("gran", ("per_thread", "per_warp"))
+def test_tiny_groups(tree, gran):
+    """Groups whose amax is below 127 / FLT_MAX (normal bf16 numbers): 127 / amax is +inf, so
+    every value becomes +-inf before the clamp, which must give +-127 (the conversion's own
+    saturation would give -128 for -inf). No zeros: 0 * inf is NaN, whose int8 cast the
+    emulator leaves to the platform."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = make(Sq=300, Sk=200)
+
+    def tiny_like(t):
+        sign = torch.where(torch.rand(t.shape, generator=g, device="cuda") < 0.5, -1.0, 1.0)
+        return (sign * 1e-37).to(t.dtype)
+
+    q[:, :, :128] = tiny_like(q[:, :, :128])    # Q block 0
+    k[:, :, 64:128] = tiny_like(k[:, :, 64:128])  # K block 1 (no smoothing: the codes see it)
+    codes, _ = emulate.quantize_q(q[:, :, :128].cpu(), torch.tensor(1.0), gran, 128)
+    assert codes.abs().min() == 127, "the inputs must reach the +-inf regime"
+    check_identity(tree, q, k, v, gran=gran, smooth_k=False)
+
+
+@pytest.mark.parametrize("tree", TREES)
 def test_non_contiguous(tree):
     """Fused-QKV slices (NHD), a misaligned view (no 16-byte loads) and a padded-D view."""
     g = torch.Generator(device="cuda").manual_seed(3)
