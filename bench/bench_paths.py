@@ -52,12 +52,21 @@ from sageattn.__main__ import _time_ms  # the CUDA-event timer of `python -m sag
 # ---- timing (the one code path every method goes through) ---------------------------------
 
 
+MIN_TIMED_CALLS = 20
+
+
 def median_ms(fn, warmup_ms: float, rep_ms: float) -> tuple[float, str]:
-    """Median time of ``fn()`` in ms and the timer's name."""
+    """Median time of ``fn()`` in ms and the timer's name.
+
+    do_bench times ``rep_ms / estimate`` calls: with the default 40 ms a 16k call (~20 ms)
+    was timed once or twice, and rows of the same kernels differed by up to 9% between runs.
+    The budgets stretch so that at least MIN_TIMED_CALLS calls are timed after 3 warm-up ones."""
     try:
         from triton.testing import do_bench
     except ImportError:
-        return _time_ms(fn, iters=30), "CUDA events"
+        return _time_ms(fn, iters=max(30, MIN_TIMED_CALLS)), "CUDA events"
+    estimate = _time_ms(fn, warmup=1, iters=3)
+    warmup_ms, rep_ms = max(warmup_ms, 3 * estimate), max(rep_ms, MIN_TIMED_CALLS * estimate)
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")), \
         "triton do_bench"
 

@@ -100,6 +100,13 @@ def test_errors_name_the_call_and_the_cuda_error(ext, manifest, loaded):
     with pytest.raises(ext.CudaError, match=rf"cuLaunchKernel\({name}, grid \(0, 1, 1\), block \(1, 1, 1\), "
                                             r"smem 0, stream 0x0, device 0\) failed: CUDA_ERROR_INVALID_VALUE"):
         ext.launch(0, function, (0, 1, 1), (1, 1, 1), 0, 0, params)
+    # Programmatic dependent launch goes through cuLaunchKernelEx from driver 12.4 on (a plain
+    # launch before); either way a failure names the entry point and the kernel.
+    major, minor = (int(x) for x in re.search(r"CUDA driver (\d+)\.(\d+)", ext.driver_status()[1]).groups())
+    entry_point = r"cuLaunchKernelEx" if (major, minor) >= (12, 4) else r"cuLaunchKernel"
+    with pytest.raises(ext.CudaError, match=rf"{entry_point}\({name}, grid \(0, 1, 1\), block \(1, 1, 1\), "
+                                            r"smem 0, stream 0x0, device 0\)"):
+        ext.launch(0, function, (0, 1, 1), (1, 1, 1), 0, 0, params, True)
 
 
 def test_launch_on_a_side_stream(ext, loaded):

@@ -102,8 +102,10 @@ class FakeExt:
     def set_max_dynamic_smem(self, function, nbytes):
         self.smem_limits[self.functions[function]] = nbytes
 
-    def launch(self, ordinal, function, grid, block, smem, stream, params):
+    def launch(self, ordinal, function, grid, block, smem, stream, params, programmatic=False):
         name = self.functions[function]
+        # Only the sm90 kernels wait for their predecessor (griddepcontrol.wait).
+        assert not programmatic, f"{name}: a programmatic launch of a kernel that does not wait"
         meta = self.kernels[name]
         assert block == (meta["threads"], 1, 1) and smem == meta["smem"]
         if smem > 48 * 1024:

@@ -9,6 +9,7 @@
 // "per_warp" writes the same value into all slots of a warp (Q) or key block (K).
 #pragma once
 
+#include "grid_dependency.cuh"
 #include "numeric.cuh"
 #include "params.h"
 
@@ -107,6 +108,7 @@ constexpr int kStatsBatch = 8;
 
 __device__ __forceinline__ void channel_stats(const ChannelStatsParams& p) {
   __shared__ float partial[3][32][65];
+  allow_next_grid_to_start();  // the statistics of V need none of K's
   const int chunk = threadIdx.x % 8, row_lane = threadIdx.x / 8;
   const int d0 = blockIdx.x * 64 + chunk * 8;
   const int h = blockIdx.y, b = blockIdx.z;
@@ -144,6 +146,7 @@ __device__ __forceinline__ void channel_stats(const ChannelStatsParams& p) {
     if (p.minimum != 0) reinterpret_cast<float*>(p.minimum)[i] = mn;
     if (p.maximum != 0) reinterpret_cast<float*>(p.maximum)[i] = mx;
   }
+  wait_for_previous_grid();  // reads nothing of the previous launch: only ends after it
 }
 
 /// @brief Max over the `kLanes` consecutive lanes that share a row (kLanes a power of two).
@@ -282,6 +285,7 @@ __device__ __forceinline__ void quantize_q_block(const QuantParams& p, const Job
   uint4 raw[G::kPasses];
   load_job_rows<G>(src, p.q_stride_s, qb * kQBlockRows + warp * 16 + row_in_pass, span.len, d0,
                    p.head_dim, p.vec_q != 0, raw);
+  wait_for_previous_grid();  // K's channel mean (LSE correction); the loads above are in flight
   // Only the raw bits stay live (32 registers, not 64 floats); each use converts again (exact).
   const QScaleGroups<G> amaxes(raw, is_bf16);
   const bool per_warp = p.granularity == kGranPerWarp;
@@ -344,6 +348,7 @@ __device__ __forceinline__ void quantize_k_block(const QuantParams& p, const Job
   uint4 raw[G::kPasses];
   load_job_rows<G>(src, p.k_stride_s, kb * kKBlockRows + warp * 8 + row_in_pass, span.len, d0,
                    p.head_dim, p.vec_k != 0, raw);
+  wait_for_previous_grid();  // K's channel mean; the loads above are in flight
   float mean[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   if (p.k_mean != 0) {
     const float4* m = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(p.k_mean) +
@@ -407,6 +412,7 @@ __device__ __forceinline__ void convert_v_block(const QuantParams& p, const JobL
   uint4 raw[G::kPasses];
   load_job_rows<G>(src, p.v_stride_s, kb * kKBlockRows + warp * 8 + row_in_pass, span.len, d0,
                    p.head_dim, p.vec_v != 0, raw);
+  wait_for_previous_grid();  // nothing of the previous launch is read: only ends after it
 #pragma unroll
   for (int i = 0; i < G::kPasses; ++i) {
     const int key = warp * 8 + i * G::kRowsPerPass + row_in_pass;
@@ -473,6 +479,7 @@ __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, const
     }
     bits[k] = w;
   }
+  wait_for_previous_grid();  // V's channel statistics; the loads above are in flight
 
   const i64 stats = static_cast<i64>(bh) * p.head_dim_padded;
   const float* vmin = reinterpret_cast<const float*>(p.v_min) + stats;
@@ -513,6 +520,7 @@ enum class VOut { kFp16, kFp8Transposed };
 /// is one instruction rather than a predicated pair of both.
 template <int kHeadDim, VOut kVOut, bool kBf16>
 __device__ __forceinline__ void quantize_qkv_from(const QuantParams& p) {
+  allow_next_grid_to_start();  // the attention kernel's prologue needs none of this launch
   const int nq = p.batch * p.heads_q * p.q_blocks;
   const int nk = p.batch * p.heads_kv * p.k_blocks;
   const int job = blockIdx.x;

@@ -12,6 +12,7 @@
 #pragma once
 
 #include "../common/epilogue_mma_sync.cuh"
+#include "../common/grid_dependency.cuh"
 #include "../common/pv_accumulate.cuh"
 #include "../common/qk_int8_mma.cuh"  // mask_scores
 #include "../common/visible_keys.cuh"
@@ -226,10 +227,12 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     if (!kBlockSparse && threadIdx.x == 0 && n_steps > 0) {
       prefetch_tensor_map(&params.tmap_k);
       prefetch_tensor_map(&params.tmap_v);
-      if (q_from_source) {
+      if (q_from_source) {  // the caller's Q: may be copied before the quantizer ends
         mbar_arrive_expect_tx(q_full, T::kQSourceBytes);
         tma_load_4d(smem_q_source, &params.tmap_q, q_full, 0, q0, h, b);
+        wait_for_previous_grid();
       } else {
+        wait_for_previous_grid();
         mbar_arrive_expect_tx(q_full, T::kQBytes);
         tma_load_3d(smem_q, &params.tmap_q, q_full, 0, q0, bhq);
       }
@@ -243,6 +246,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
       }
     }
     if (kBlockSparse && threadIdx.x < 32) {
+      wait_for_previous_grid();  // K scales below, then the quantizer's tiles
       const int lane = threadIdx.x;
       const signed char* mask_row =
           p.block_mask == 0 ? nullptr
@@ -309,14 +313,27 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   constexpr bool kWholeBlock = T::kBlockQ == kQBlockRows;  // the CTA is one quantizer block
   const int q_block = kWholeBlock ? cta : warp_q0 / kQBlockRows;
   const int slot_warp = kWholeBlock ? consumer * 4 + warp : (warp_q0 % kQBlockRows) / 16;
-  // Rows past the last block (a 192-row CTA's tail) have no scale: their Q rows read as zeros
-  // and are never written. With the Q source, the scale comes from quantizing it below.
-  float q_scale =
-      (!q_from_source && (kWholeBlock || q_block < p.q_blocks))
-          ? reinterpret_cast<const float*>(p.q_scale)[(static_cast<long long>(bhq) * p.q_blocks + q_block) * 64 +
-                                                      slot_warp * 8 + lane / 4]
-          : 0.f;
   const u32 q_rows = smem_q + static_cast<u32>(consumer) * 64 * kHeadDim;
+  float q_scale = 0.f;
+  if (!kBlockSparse && q_from_source && n_steps > 0) {
+    // Each warp quantizes its 16 rows into the INT8 Q tile as the quantizer's Q job would; the
+    // warpgroup's products read all 64 rows, so it syncs (after making the generic-proxy stores
+    // visible to wgmma's async proxy). The caller's Q is not the quantizer's output: this runs
+    // while the quantize launch may still be draining (programmatic dependent launch).
+    mbar_wait(q_full, 0);
+    q_scale = quantize_q_rows<T>(smem_raw + (smem_q_source - smem_addr(smem_raw)) + (consumer * 64 + warp * 16) * kHeadDim * 2,
+                                 smem_raw + (q_rows - smem_addr(smem_raw)), warp, lane,
+                                 params.q_source_dtype == kDtypeBf16, params.q_granularity == kGranPerWarp,
+                                 params.q_scale_log2e);
+    fence_proxy_async_shared();
+    named_barrier_sync(4 + consumer, 128);
+  }
+  wait_for_previous_grid();  // every global read below is of the quantizer's output
+  // Rows past the last block (a 192-row CTA's tail) have no scale: their Q rows read as zeros
+  // and are never written.
+  if (!q_from_source && (kWholeBlock || q_block < p.q_blocks))
+    q_scale = reinterpret_cast<const float*>(p.q_scale)[(static_cast<long long>(bhq) * p.q_blocks + q_block) * 64 +
+                                                        slot_warp * 8 + lane / 4];
 
   float o[T::kOTiles][4];
 #pragma unroll
@@ -420,18 +437,6 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   float k_scale[2];
   if (!kBlockSparse && n_steps > 0) step_scales(0, 0u, k_scale);  // in flight while K lands
   u32 entry = next_entry(0);
-  if (!kBlockSparse && q_from_source && entry != kEndOfSteps) {
-    // Each warp quantizes its 16 rows into the INT8 Q tile as the quantizer's Q job would; the
-    // warpgroup's products read all 64 rows, so it syncs (after making the generic-proxy stores
-    // visible to wgmma's async proxy).
-    mbar_wait(q_full, 0);
-    q_scale = quantize_q_rows<T>(smem_raw + (smem_q_source - smem_addr(smem_raw)) + (consumer * 64 + warp * 16) * kHeadDim * 2,
-                                 smem_raw + (q_rows - smem_addr(smem_raw)), warp, lane,
-                                 params.q_source_dtype == kDtypeBf16, params.q_granularity == kGranPerWarp,
-                                 params.q_scale_log2e);
-    fence_proxy_async_shared();
-    named_barrier_sync(4 + consumer, 128);
-  }
   int entries = 0;  // ring entries this consumer read (kept steps)
   if constexpr (!T::kOverlap) {
     // In order (three consumers at hd128: no registers for a second score tile): S(i), its

@@ -22,7 +22,9 @@ caching allocator:
 * sm90: the sm89 sequence (its quantizer, compiled for sm_90a), then the attention kernel with
   three tensor maps over the quantized operands (cached by address and geometry); for hd128
   non-causal calls the Q map covers the caller's Q, which the kernel quantizes itself, and the
-  quantize launch skips Q (``SM90_QUANTIZE_Q_IN_KERNEL``).
+  quantize launch skips Q (``SM90_QUANTIZE_Q_IN_KERNEL``). Every launch after the call's first
+  is a programmatic dependent launch (``SM90_PROGRAMMATIC_LAUNCH``): it may start while the
+  previous one drains, and waits for it in the kernel before reading its output.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from . import _abi, _loader, dispatch
 __all__ = ["attention", "sm80_forward", "sm89_forward", "sm90_forward", "kernel_names",
            "sm80_kernel_names", "sm89_kernel_names", "sm90_kernel_names",
            "attention_kernel_only", "quantized_operands", "ALWAYS_USE_OP", "POISON",
-           "SM90_QUANTIZE_Q_IN_KERNEL"]
+           "SM90_QUANTIZE_Q_IN_KERNEL", "SM90_PROGRAMMATIC_LAUNCH"]
 
 ALWAYS_USE_OP = False
 # Debug aid: fill every buffer the kernels should write (temporaries, out, lse) with NaN
@@ -52,6 +54,12 @@ POISON = os.environ.get("SAGEATTN_DEBUG_POISON", "") not in ("", "0")
 # within +-2%: the per-CTA prologue eats the saving; NOTES.md sm90 v13). True: wherever it can
 # (tests), False: never.
 SM90_QUANTIZE_Q_IN_KERNEL = "auto"
+# Whether the sm90 path launches its second and later kernels as programmatic dependent launches
+# (kernels/common/grid_dependency.cuh): each may start while the previous one drains (its
+# prologue, and the attention kernel's quantization of the caller's Q, overlap the previous
+# launch's tail) and waits for it before reading its output. The call's first launch is always
+# plain, so nothing of the call overlaps work queued before it. False: every launch plain.
+SM90_PROGRAMMATIC_LAUNCH = True
 
 _DTYPE_CODE = {torch.float16: _abi.DTYPE_FP16, torch.bfloat16: _abi.DTYPE_BF16}
 _GRAN_CODE = {"per_thread": _abi.GRAN_PER_THREAD, "per_warp": _abi.GRAN_PER_WARP}
@@ -173,9 +181,10 @@ def _current_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _launch(k: _loader.Kernel, device: int, grid: tuple, params, stream: int) -> None:
+def _launch(k: _loader.Kernel, device: int, grid: tuple, params, stream: int,
+            programmatic: bool = False) -> None:
     _loader.ext().launch(device, k.function, grid, (k.threads, 1, 1), k.smem, stream,
-                         bytes(params))
+                         bytes(params), programmatic)
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -183,7 +192,7 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 
 def _channel_stats(kernel, ordinal, stream, x, geometry, strides, head_dim, d_pad, dtype_code, *,
-                   cu_seqlens=None, mean=0, minimum=0, maximum=0) -> None:
+                   cu_seqlens=None, mean=0, minimum=0, maximum=0, programmatic=False) -> None:
     """One channel-stats launch; ``geometry`` = (B, H, S) (S: the longest sequence when
     ``cu_seqlens`` packs varlen sequences). Outputs are addresses; 0 ones are not computed."""
     B, H, S = geometry
@@ -192,7 +201,7 @@ def _channel_stats(kernel, ordinal, stream, x, geometry, strides, head_dim, d_pa
         src_stride_s=strides[2], mean=mean, minimum=minimum, maximum=maximum,
         batch=B, heads=H, seq=S, head_dim=head_dim, head_dim_padded=d_pad, in_dtype=dtype_code,
         vectorized=_vectorized(x, strides, head_dim), cu_seqlens=_ptr(cu_seqlens))
-    _launch(kernel, ordinal, (d_pad // 64, H, B), p, stream)
+    _launch(kernel, ordinal, (d_pad // 64, H, B), p, stream, programmatic)
 
 
 def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
@@ -267,12 +276,16 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             "v_mean": v_stat if fp8_v and fp8_pv[1] else None})
         k_mean, v_mean, v_min, v_max = (scratch[n] for n in ("k_mean", "v_mean", "v_min", "v_max"))
 
+        # sm90 (the kernels that wait for their predecessor): every launch but the first may
+        # start while the one before it drains.
+        overlap = tensor_maps and SM90_PROGRAMMATIC_LAUNCH
         if smooth_k:
             _channel_stats(stats_kernel, ordinal, stream, kh, (B, Hkv, Sk), ks, D, d_pad,
                            dtype_code, cu_seqlens=cu_k, mean=k_mean)
         if fp8_v:
             _channel_stats(stats_kernel, ordinal, stream, vh, (B, Hkv, Sk), vs, D, d_pad,
-                           dtype_code, cu_seqlens=cu_k, mean=v_mean, minimum=v_min, maximum=v_max)
+                           dtype_code, cu_seqlens=cu_k, mean=v_mean, minimum=v_min, maximum=v_max,
+                           programmatic=overlap and smooth_k)
 
         p = _abi.QuantParams(
             q=qh.data_ptr(), q_stride_b=qs[0], q_stride_h=qs[1], q_stride_s=qs[2],
@@ -290,7 +303,8 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             v_max=v_max, v_scale_max=fp8_pv[0] if fp8_v else 0.0,
             cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k))
         q_jobs = 0 if q_in_kernel else B * Hq * q_blocks
-        _launch(quant_kernel, ordinal, (q_jobs + 2 * B * Hkv * k_blocks, 1, 1), p, stream)
+        _launch(quant_kernel, ordinal, (q_jobs + 2 * B * Hkv * k_blocks, 1, 1), p, stream,
+                overlap and (smooth_k or fp8_v))
         if quantize_only:
             return {name: scratch.view(name) for name in _Scratch.NAMES}
 
@@ -320,7 +334,7 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
         grid = (-(-q_blocks * _Q_BLOCK // q_rows), Hq, B)
         if kernel_only:
             return lambda: _launch_current(attn_kernel, ordinal, grid, p, dev, out, scratch)
-        _launch(attn_kernel, ordinal, grid, p, stream)
+        _launch(attn_kernel, ordinal, grid, p, stream, overlap)
     return out, lse
 
 

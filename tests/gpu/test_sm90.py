@@ -344,9 +344,9 @@ def _q_in_kernel_vs_quantizer(monkeypatch, q, k, v, **kw):
     launched = []
     real = ops._launch
 
-    def spy(kernel, device, grid, params, stream):
+    def spy(kernel, device, grid, params, stream, programmatic=False):
         launched.append((kernel.name, grid, getattr(params, "q_source_dtype", None)))
-        real(kernel, device, grid, params, stream)
+        real(kernel, device, grid, params, stream, programmatic)
 
     monkeypatch.setattr(ops, "_launch", spy)
     def quantize_ctas():  # the quantize launch's jobs (Q's, and K's and V's when not streamed)
@@ -406,8 +406,9 @@ def test_q_from_the_quantizer_where_the_kernel_cannot(monkeypatch):
     monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", True)
     launched = []
     real = ops._launch
-    monkeypatch.setattr(ops, "_launch", lambda kernel, device, grid, params, stream: (
-        launched.append(getattr(params, "q_source_dtype", None)), real(kernel, device, grid, params, stream)))
+    monkeypatch.setattr(ops, "_launch", lambda kernel, device, grid, params, stream, programmatic=False: (
+        launched.append(getattr(params, "q_source_dtype", None)),
+        real(kernel, device, grid, params, stream, programmatic)))
     q, k, v = make(B=1, H=2, Sq=200, D=72)
     sm90(q, k, v)
     q, k, v = make(B=1, H=2, Sq=200, D=128)
@@ -416,13 +417,49 @@ def test_q_from_the_quantizer_where_the_kernel_cannot(monkeypatch):
     assert [x for x in launched if x is not None] == [-1, -1, -1]
 
 
+def test_programmatic_launches(monkeypatch):
+    # A call's first launch is plain, the later ones programmatic (each may start while the one
+    # before drains and waits for it in the kernel). Outputs must equal those of plain launches
+    # bit for bit, over back-to-back calls of several shapes whose temporaries reuse memory
+    # (a read of the quantizer's buffers before it finished would show here).
+    launched = []
+    real = ops._launch
+
+    def spy(kernel, device, grid, params, stream, programmatic=False):
+        launched.append(programmatic)
+        real(kernel, device, grid, params, stream, programmatic)
+
+    monkeypatch.setattr(ops, "_launch", spy)
+    cases = [make(B=2, H=4, Sq=S, Sk=S, D=D, seed=S + D) + (causal,)
+             for S, D, causal in ((1000, 128, False), (4096, 128, False), (333, 64, True),
+                                  (2048, 128, True), (700, 64, False))]
+
+    def calls():
+        return [sm90(q, k, v, is_causal=causal) for q, k, v, causal in cases for _ in range(3)]
+
+    monkeypatch.setattr(ops, "SM90_PROGRAMMATIC_LAUNCH", False)
+    plain = calls()
+    assert not any(launched)
+    launched.clear()
+    monkeypatch.setattr(ops, "SM90_PROGRAMMATIC_LAUNCH", True)
+    overlapped = calls()
+    # channel stats of K (plain), of V, quantize, attention
+    assert launched == [False, True, True, True] * len(cases) * 3
+    for a, b in zip(plain, overlapped):
+        assert torch.equal(a, b)
+    q, k, v, _ = cases[1]
+    want = reference.attention(q, k, v)
+    assert float((overlapped[3].float() - want).abs().sum() / want.abs().sum()) < 0.05
+
+
 def test_q_in_kernel_policy(monkeypatch):
     # "auto" (the default): the kernel quantizes Q for hd128 non-causal calls only.
     monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", "auto")
     launched = []
     real = ops._launch
-    monkeypatch.setattr(ops, "_launch", lambda kernel, device, grid, params, stream: (
-        launched.append(getattr(params, "q_source_dtype", None)), real(kernel, device, grid, params, stream)))
+    monkeypatch.setattr(ops, "_launch", lambda kernel, device, grid, params, stream, programmatic=False: (
+        launched.append(getattr(params, "q_source_dtype", None)),
+        real(kernel, device, grid, params, stream, programmatic)))
     for D, causal in ((128, False), (128, True), (64, False), (64, True)):
         q, k, v = make(B=1, H=2, Sq=256, D=D)
         sm90(q, k, v, is_causal=causal)

@@ -76,6 +76,7 @@ Loaded load() {
   std::string optional;
   resolve(lib, a.cuFuncGetParamInfo, "cuFuncGetParamInfo", optional);
   resolve(lib, a.cuTensorMapEncodeTiled, "cuTensorMapEncodeTiled", optional);
+  resolve(lib, a.cuLaunchKernelEx, "cuLaunchKernelEx", optional);
 
   cu::Result r = a.cuInit(0);
   if (r != cu::kSuccess) {

@@ -39,6 +39,26 @@ constexpr int kFuncMaxDynamicSharedSizeBytes = 8;
 struct alignas(64) TensorMap {
   unsigned long long bits[16];
 };
+
+// cuLaunchKernelEx (CUDA 12.0): CUlaunchAttribute is an int id, padding to 8 bytes and a
+// 64-byte value union; CUlaunchConfig the launch geometry, stream and attribute list.
+constexpr int kLaunchAttributeProgrammaticStreamSerialization = 6;
+struct LaunchAttribute {
+  int id;
+  char pad[4];
+  union {
+    char bytes[64];
+    unsigned long long align;
+    int programmatic_stream_serialization_allowed;
+  } value;
+};
+struct LaunchConfig {
+  unsigned grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_mem_bytes;
+  Stream stream;
+  LaunchAttribute *attrs;
+  unsigned num_attrs;
+};
+static_assert(sizeof(LaunchAttribute) == 72 && sizeof(LaunchConfig) == 56, "cuda.h layouts");
 }  // namespace cu
 
 // Entry points, resolved by their exported names: cuda.h maps several API names onto `_v2`
@@ -66,6 +86,9 @@ struct DriverApi {
                                unsigned, unsigned, cu::Stream, void **, void **);
   // Optional (driver >= 12.4; null on older drivers): lets launch() check the params size.
   cu::Result (*cuFuncGetParamInfo)(cu::Function, size_t, size_t *, size_t *);
+  // Optional (driver >= 12.0; null on older drivers): launch attributes (programmatic
+  // dependent launch, sm_90+).
+  cu::Result (*cuLaunchKernelEx)(const cu::LaunchConfig *, cu::Function, void **, void **);
   // Optional (driver >= 12.0; null on older drivers): tensor maps for the copy engine (sm_90+).
   cu::Result (*cuTensorMapEncodeTiled)(cu::TensorMap *, int dtype, unsigned rank, void *address,
                                        const unsigned long long *dims,

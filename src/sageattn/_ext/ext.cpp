@@ -259,8 +259,12 @@ uint32_t py_read_global_u32(uintptr_t module, const std::string &name) {
   return value;
 }
 
+// `programmatic`: programmatic dependent launch, i.e. the kernel may start while the previous
+// kernel on the stream still runs, and waits for it itself (griddepcontrol.wait). Drivers before
+// 12.4 (no cuLaunchKernelEx, or no such edges in captured graphs) get a plain launch, which is
+// the same computation with the kernels strictly in turn.
 void py_launch(int ordinal, uintptr_t function, const Dim3 &grid, const Dim3 &block, unsigned smem,
-               uintptr_t stream, const nb::bytes &params) {
+               uintptr_t stream, const nb::bytes &params, bool programmatic) {
   void *args[] = {const_cast<void *>(params.data())};
   size_t size = params.size();
   nb::gil_scoped_release nogil;  // `params` stays referenced by the caller's frame
@@ -274,14 +278,25 @@ void py_launch(int ordinal, uintptr_t function, const Dim3 &grid, const Dim3 &bl
     throw nb::value_error(("launch: " + info.name + " takes " + std::to_string(info.param_bytes) +
                            " bytes of parameters, got " + std::to_string(size)).c_str());
   ScopedContext scope(api, info.ctx, ordinal);
+  const auto describe = [&](const char *entry) {
+    return std::string(entry) + "(" + info.name + ", grid " + dims(grid) + ", block " + dims(block) +
+           ", smem " + std::to_string(smem) + ", stream " + hex(stream) + ", device " +
+           std::to_string(ordinal) + ")";
+  };
+  if (programmatic && api.cuLaunchKernelEx != nullptr && api.version >= 12040) {
+    cu::LaunchAttribute attr{};
+    attr.id = cu::kLaunchAttributeProgrammaticStreamSerialization;
+    attr.value.programmatic_stream_serialization_allowed = 1;
+    const cu::LaunchConfig config{grid[0], grid[1], grid[2], block[0], block[1], block[2], smem,
+                                  reinterpret_cast<cu::Stream>(stream), &attr, 1};
+    check(api.cuLaunchKernelEx(&config, reinterpret_cast<cu::Function>(function), args, nullptr),
+          [&] { return describe("cuLaunchKernelEx") + " with programmatic stream serialization"; });
+    return;
+  }
   check(api.cuLaunchKernel(reinterpret_cast<cu::Function>(function), grid[0], grid[1], grid[2],
                            block[0], block[1], block[2], smem, reinterpret_cast<cu::Stream>(stream),
                            args, nullptr),
-        [&] {
-          return "cuLaunchKernel(" + info.name + ", grid " + dims(grid) + ", block " + dims(block) +
-                 ", smem " + std::to_string(smem) + ", stream " + hex(stream) + ", device " +
-                 std::to_string(ordinal) + ")";
-        });
+        [&] { return describe("cuLaunchKernel"); });
 }
 
 // A tiled tensor map (rank 1-5; dims and box innermost first, strides in bytes for dims 1..rank-1)
@@ -342,7 +357,10 @@ NB_MODULE(_ext, m) {
         "Read a 4-byte __device__ variable of a loaded module.");
   m.def("launch", &py_launch, nb::arg("ordinal"), nb::arg("function"), nb::arg("grid"),
         nb::arg("block"), nb::arg("smem"), nb::arg("stream"), nb::arg("params"),
-        "Launch a kernel on a stream with one by-value parameter struct given as bytes.");
+        nb::arg("programmatic") = false,
+        "Launch a kernel on a stream with one by-value parameter struct given as bytes; "
+        "programmatic=True lets it start before the previous kernel on the stream ends (the "
+        "kernel must wait for it with griddepcontrol.wait; a plain launch on drivers before 12.4).");
   m.def("encode_tensor_map", &py_encode_tensor_map, nb::arg("dtype"), nb::arg("address"),
         nb::arg("dims"), nb::arg("strides"), nb::arg("box"), nb::arg("swizzle"),
         "Encode a tiled CUtensorMap (cuTensorMapEncodeTiled; dims/box innermost first, byte "
