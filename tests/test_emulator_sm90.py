@@ -38,10 +38,11 @@ def errors(q, k, v, causal=False, **kw):
 
 
 def step_loop(q, k, v, key_step, *, causal=False, pv_accum="fp32+fp32", smooth_v=False,
-              gran="per_thread"):
+              gran="per_thread", row_sums="fp32"):
     """The FP8-PV main loop written out once more from the unchanged primitives: every score
     first (keys padded to whole steps: score -inf, V +0), then online softmax over
-    ``key_step`` keys at a time. Returns (out, lse)."""
+    ``key_step`` keys at a time, row sums of the fp32 P (sm89) or of the E4M3 P (sm90).
+    Returns (out, lse)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     qt = emulate.quantize_fp8(q, k, v, sm_scale=D ** -0.5, granularity=gran, smooth_v=smooth_v,
@@ -68,10 +69,13 @@ def step_loop(q, k, v, key_step, *, causal=False, pv_accum="fp32+fp32", smooth_v
     m, l, o = emulate._running_state(qt, Sq)
     for start in range(0, n, key_step):
         cols = slice(start, start + key_step)
+        l_before = l
         m, l, alpha, p = emulate._softmax_step(m, l, s[..., cols].contiguous(),
                                                emulate.LOG2_P_SCALE_FP8)
-        o = o * alpha[..., None] + emulate._block_pv_fp8(emulate.e4m3_rn_satfinite(p),
-                                                         v8[:, :, cols], pv_accum)
+        p8 = emulate.e4m3_rn_satfinite(p)
+        if row_sums == "e4m3":
+            l = l_before * alpha + p8.double().sum(dim=-1).float()
+        o = o * alpha[..., None] + emulate._block_pv_fp8(p8, v8[:, :, cols], pv_accum)
     seen = l > 0
     inv = torch.where(seen, 1 / torch.where(seen, l, 1), torch.tensor(0.0))
     out = o * inv[..., None] * qt.v_scale.index_select(1, kv_head)[:, :, None, :]
@@ -104,20 +108,43 @@ def test_sm90_is_the_128_key_step_loop(Sq, Sk, causal, gran):
     q, k, v = make(H=4, Hkv=2, Sq=Sq, Sk=Sk, D=128, outlier=True, seed=Sq + Sk)
     out, lse = emulate.sm90_attention(q, k, v, is_causal=causal, qk_quant_gran=gran,
                                       smooth_v=True, return_lse=True)
-    want, want_lse = step_loop(q, k, v, 128, causal=causal, smooth_v=True, gran=gran)
+    want, want_lse = step_loop(q, k, v, 128, causal=causal, smooth_v=True, gran=gran,
+                               row_sums="e4m3")
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    fp32_sums = step_loop(q, k, v, 128, causal=causal, smooth_v=True, gran=gran)
+    if Sk > 1:  # one key: P is 448 either way
+        assert not torch.equal(lse, fp32_sums[1])
 
 
 @pytest.mark.parametrize("Sk", [1, 37, 64])
-def test_one_step_of_keys_equals_sm89(Sk):
-    # Up to 64 keys both paths take one step over the same keys (the sm90 step's other 64 keys
-    # are masked, P = 0, V = +0), so the results agree bit for bit.
+def test_one_step_of_keys_equals_the_64_key_loop(Sk):
+    # Up to 64 keys both step sizes take one step over the same keys (the sm90 step's other 64
+    # keys are masked, P = 0, V = +0), so the results agree bit for bit; the sm89 path differs
+    # from them only in summing the fp32 P.
     q, k, v = make(H=2, Sq=100, Sk=Sk, D=64, outlier=True)
     for causal in (False, True):
         a = emulate.sm90_attention(q, k, v, is_causal=causal, return_lse=True, smooth_v=True)
-        b = emulate.sm89_attention(q, k, v, is_causal=causal, return_lse=True, smooth_v=True,
-                                   pv_accum_dtype="fp32+fp32")
+        b = step_loop(q, k, v, 64, causal=causal, smooth_v=True, row_sums="e4m3")
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        c = emulate.sm89_attention(q, k, v, is_causal=causal, return_lse=True, smooth_v=True,
+                                   pv_accum_dtype="fp32+fp32")
+        assert reference.compare(a[0], c[0])["rel_l1"] < 0.01
+
+
+def test_row_sums_of_e4m3_p_cost_no_accuracy():
+    # The sm90 kernels sum the E4M3 P (on the tensor core) where SageAttention sums the fp32
+    # P. Measured on the acceptance input (H=2 of it, CPU): rel-L1 0.03778 -> 0.03776, causal
+    # 0.03719 -> 0.03709. Here, a smaller outlier input: the same within 2%.
+    q, k, v = make(H=4, Sq=512, Sk=1024, D=128, outlier=True, seed=11)
+    ref = reference.attention(q, k, v)
+    qt = emulate.quantize_fp8(q, k, v, sm_scale=128 ** -0.5, pv_accum="fp32+fp32")
+    kw = dict(seq_q=512, seq_k=1024, head_dim=128, pv_accum="fp32+fp32", out_dtype=q.dtype,
+              key_step=128)
+    e4m3, fp32 = (reference.compare(emulate.attention_fp8(qt, row_sums=r, **kw)[0], ref)["rel_l1"]
+                  for r in ("e4m3", "fp32"))
+    assert e4m3 != fp32 and abs(e4m3 / fp32 - 1) < 0.02, (e4m3, fp32)
+    with pytest.raises(ValueError, match="row_sums"):
+        emulate.attention_fp8(qt, row_sums="fp16", **kw)
 
 
 def test_step_size_changes_the_roundings_not_the_result():
@@ -204,12 +231,15 @@ def test_nhd_layout_matches_hnd():
 
 
 def test_lse_matches_the_sm89_path():
-    # Same scores and the same final max; only the fp32 row-sum order differs.
+    # Same scores and the same final max; the row sums differ by E4M3's rounding of P: at most
+    # 2^-4 relative per term (ln(1 + 1/16) = 0.061), on average about 0.036 / sqrt(keys seen)
+    # (these causal rows see 173-300 keys: 2.0e-3 measured).
     q, k, v = make(Sq=128, Sk=300, D=128, outlier=True)
     _, lse = emulate.sm90_attention(q, k, v, return_lse=True, is_causal=True)
     _, lse89 = emulate.sm89_attention(q, k, v, return_lse=True, is_causal=True)
     _, ref = reference.attention(q, k, v, return_lse=True, is_causal=True)
-    assert (lse - lse89).abs().max() < 1e-5 and (lse - ref).abs().max() < LSE_ATOL
+    diff = (lse - lse89).abs()
+    assert diff.max() < 0.061 and diff.mean() < 4e-3 and (lse - ref).abs().max() < LSE_ATOL
 
 
 def test_fully_masked_rows_zero_not_the_v_mean():

@@ -17,7 +17,8 @@ struct RowStats {
 /// max and sums, and return the factor each row's earlier output must be scaled by.
 /// Probabilities come out multiplied by 2^log2_p_scale (FP8 PV scales P into the E4M3 range by
 /// shifting the max; the row sums carry the same factor, so it cancels in O / l).
-template <int kTiles>
+/// kRowSums false: leave st.sum alone (the sm90 tree sums the rounded P on the tensor core).
+template <int kTiles, bool kRowSums = true>
 __device__ __forceinline__ void online_softmax_step(float (&s)[kTiles][4], RowStats& st,
                                                     float (&rescale)[2], float log2_p_scale = 0.f) {
   const float neg_inf = -__int_as_float(0x7f800000);
@@ -37,9 +38,9 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[kTiles][4], RowSt
     for (int j = 0; j < kTiles; ++j) {
       s[j][2 * r] = fast_exp2(s[j][2 * r] - shift);
       s[j][2 * r + 1] = fast_exp2(s[j][2 * r + 1] - shift);
-      sum += s[j][2 * r] + s[j][2 * r + 1];
+      if (kRowSums) sum += s[j][2 * r] + s[j][2 * r + 1];
     }
-    st.sum[r] = st.sum[r] * rescale[r] + sum;
+    if (kRowSums) st.sum[r] = st.sum[r] * rescale[r] + sum;
   }
 }
 

@@ -1,8 +1,10 @@
 // The sm90 tree: INT8 QK^T + FP8 E4M3 PV attention for Hopper (sm_90a) with wgmma, bulk tensor
 // copies and warp specialization. SageAttention2's algorithm (per-thread INT8 Q/K, FP8 V with
-// per-channel scales, P scaled by 448 into E4M3, fp32 row sums; two-level "fp32+fp32"
-// accumulation because Hopper's FP8 MMA accumulates with reduced precision) on the quantizer of
-// the other INT8 trees (kernels/common/quantize.cuh).
+// per-channel scales, P scaled by 448 into E4M3; two-level "fp32+fp32" accumulation because
+// Hopper's FP8 MMA accumulates with reduced precision) on the quantizer of the other INT8 trees
+// (kernels/common/quantize.cuh). One change: the row sums are of the E4M3 P, taken on the
+// tensor core beside each P V product (an all-ones B operand), not of the fp32 P on the FMA
+// pipe (NOTES.md sm90 v16; accuracy unchanged on the CPU, 64 fewer instructions per warp and step).
 //
 // A CTA owns 128 query rows: warpgroup 0 copies (one thread issues the tensor copies of Q once
 // and of K/V per 128-key step into a kStages ring), warpgroups 1 and 2 compute 64 rows each:
@@ -52,10 +54,6 @@ __device__ __forceinline__ void dequantize_masked_step(float (&s)[T::kKTiles][4]
 constexpr u32 kSkipLo = 1u << 30, kSkipHi = 1u << 31, kStepMask = kSkipLo - 1;
 constexpr u32 kEndOfSteps = kStepMask;
 
-/// @brief Online-softmax step of a step with no masked key, on the raw INT32 scores: the
-/// dequantization folds into the exponent's FMA (p = 2^(acc * scale - shift), one rounding) and
-/// the row max is taken on the unscaled scores of each 64-key half (the scales are >= 0).
-/// Same contract as online_softmax_step: `p` comes out scaled by 2^kLog2PScale.
 /// @brief Each row's max over score tiles [kFirst, kFirst + kKTiles/2) (one 64-key half), on the
 /// unscaled INT32 scores.
 template <class T, int kFirst>
@@ -83,34 +81,48 @@ __device__ __forceinline__ void update_row_max(const float (&m_lo)[2], const flo
   }
 }
 
-/// @brief The probabilities of score tiles [kFirst, kLast) (p = 2^(acc * scale - shift)), their
-/// sums added to `sum` in tile order.
+/// @brief The probabilities of score tiles [kFirst, kLast): p = 2^(acc * scale - shift).
 template <class T, int kFirst, int kLast>
 __device__ __forceinline__ void unmasked_exp(const int (&acc)[T::kKTiles][4], float scale_lo, float scale_hi,
-                                             const float (&shift)[2], float (&p)[T::kKTiles][4], float (&sum)[2]) {
+                                             const float (&shift)[2], float (&p)[T::kKTiles][4]) {
   constexpr int kHalf = T::kKTiles / 2;
 #pragma unroll
   for (int r = 0; r < 2; ++r)
 #pragma unroll
     for (int j = kFirst; j < kLast; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
+      for (int e = 0; e < 2; ++e)
         p[j][2 * r + e] = fast_exp2(fmaf(static_cast<float>(acc[j][2 * r + e]), j < kHalf ? scale_lo : scale_hi, shift[r]));
-        sum[r] += p[j][2 * r + e];
-      }
 }
 
+/// @brief Online-softmax step of a step with no masked key, on the raw INT32 scores: the
+/// dequantization folds into the exponent's FMA (p = 2^(acc * scale - shift), one rounding) and
+/// the row max is taken on the unscaled scores of each 64-key half (the scales are >= 0).
+/// Same contract as online_softmax_step<kTiles, false>: `p` comes out scaled by 2^kLog2PScale;
+/// the row sums are left to the tensor core (add_row_sums).
 template <class T>
 __device__ __forceinline__ void softmax_unmasked_step(const int (&acc)[T::kKTiles][4], float scale_lo, float scale_hi,
                                                       float (&p)[T::kKTiles][4], RowStats& st, float (&rescale)[2],
                                                       float log2_p_scale) {
-  float m_lo[2], m_hi[2], shift[2], sum[2] = {0.f, 0.f};
+  float m_lo[2], m_hi[2], shift[2];
   half_row_max<T, 0>(acc, m_lo);
   half_row_max<T, T::kKTiles / 2>(acc, m_hi);
   update_row_max(m_lo, m_hi, scale_lo, scale_hi, st, rescale, shift, log2_p_scale);
-  unmasked_exp<T, 0, T::kKTiles>(acc, scale_lo, scale_hi, shift, p, sum);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) st.sum[r] = st.sum[r] * rescale[r] + sum[r];
+  unmasked_exp<T, 0, T::kKTiles>(acc, scale_lo, scale_hi, shift, p);
+}
+
+/// @brief l = l * rescale + the step's sums of E4M3 P, from the all-ones product's accumulator
+/// (`ls`: column 2*(lane%4) of rows lane/4 and lane/4 + 8). Every column holds the whole sum,
+/// so the four lanes of a quad carry the same l (keep_quad_leader_sums before the epilogue).
+__device__ __forceinline__ void add_row_sums(RowStats& st, const float (&rescale)[2], const float (&ls)[1][4]) {
+  st.sum[0] = fmaf(st.sum[0], rescale[0], ls[0][0]);
+  st.sum[1] = fmaf(st.sum[1], rescale[1], ls[0][2]);
+}
+
+/// @brief Zero the sums of lanes 1-3 of each quad: the epilogue's finish_rows adds a quad's
+/// partial sums, and here lane 0 alone holds the whole of each.
+__device__ __forceinline__ void keep_quad_leader_sums(RowStats& st, int lane) {
+  if (lane % 4 != 0) st.sum[0] = st.sum[1] = 0.f;
 }
 
 /// @brief P (fp32, scaled by 448) -> the E4M3 A fragments of the step's four 32-key products.
@@ -181,7 +193,8 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const u32 smem_q_source = smem_q + T::kQBytes;
   const u32 smem_stages = smem_q_source + T::kQSourceBytes;
   const bool q_from_source = params.q_source_dtype >= 0;  // quantize Q here (dense kernels only)
-  const u32 bars = smem_stages + T::kStages * T::kStageBytes;
+  const u32 ones_tile = smem_stages + T::kStages * T::kStageBytes;  // B of the row sums' products
+  const u32 bars = ones_tile + kOnesTileBytes;
   const u32 q_full = bars;
   const auto k_full = [&](int s) { return bars + 8u * (1 + s); };
   const auto v_full = [&](int s) { return bars + 8u * (1 + T::kStages + s); };
@@ -208,6 +221,10 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const int bhq = b * p.heads_q + h;
   const int bhk = b * p.heads_kv + hkv;
 
+  if (threadIdx.x < kOnesTileBytes / 4) {
+    st_shared_u32(ones_tile + 4u * threadIdx.x, 0x38383838u);  // E4M3 1.0 x 4
+    fence_proxy_async_shared();  // visible to wgmma (the async proxy) after the barrier below
+  }
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
     for (int s = 0; s < T::kStages; ++s) {
@@ -368,11 +385,13 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     }
     wgmma_commit();
   };
-  // d (+)= P V of entry i (asynchronous); `fresh`: d starts from zero (two-level accumulation).
   // d (+)= P V of entry i's 32-key slices [first, last) (asynchronous, one commit group); the
-  // group holding slice 0 waits for V and, when `fresh`, starts d from zero (two-level).
-  const auto issue_pv = [&](int i, const u32 (&pa)[T::kKTiles / 4][4], float (&d)[T::kOTiles][4], bool fresh,
-                            int first = 0, int last = T::kKTiles / 4) {
+  // group holding slice 0 waits for V and, when `fresh`, starts d from zero (two-level). Beside
+  // each slice, ls (+)= P times the all-ones tile: the rows' sums of this step's E4M3 P, from
+  // zero at slice 0 in every accumulation mode.
+  const u64 ones = ones_desc(ones_tile);
+  const auto issue_pv = [&](int i, const u32 (&pa)[T::kKTiles / 4][4], float (&d)[T::kOTiles][4], float (&ls)[1][4],
+                            bool fresh, int first = 0, int last = T::kKTiles / 4) {
     const int s = i % T::kStages;
     if (first == 0) mbar_wait(v_full(s), (i / T::kStages) & 1);
     wgmma_fence();
@@ -386,6 +405,11 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
         wgmma_pv<kHeadDim, false>(d, pa[c], v_desc);
       } else {
         wgmma_pv<kHeadDim, true>(d, pa[c], v_desc);
+      }
+      if (c == 0) {
+        wgmma_e4m3_m64n8k32<false>(ls, pa[c], ones);
+      } else {
+        wgmma_e4m3_m64n8k32<true>(ls, pa[c], ones);
       }
     }
     wgmma_commit();
@@ -420,7 +444,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     } else {
       dequantize_masked_step<T>(sc, acc, scale_lo, scale_hi, t * T::kBlockK, row0, k_span.len, p.causal != 0,
                                 causal_offset, skip, lane);
-      online_softmax_step<T::kKTiles>(sc, st, rescale, kLog2PScale);
+      online_softmax_step<T::kKTiles, false>(sc, st, rescale, kLog2PScale);
     }
   };
 
@@ -471,22 +495,22 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
         wgmma_wait<0>();
         fence_register_tiles<kHalfTiles, kHalfTiles>(acc);
         half_row_max<T, kHalfTiles>(acc, m_hi);
-        float blk[T::kOTiles][4];
-        float sc[T::kKTiles][4], shift[2], sum[2] = {0.f, 0.f};
+        float blk[T::kOTiles][4], ls[1][4];
+        float sc[T::kKTiles][4], shift[2];
         const float scale_lo = q_scale * k_scale[0], scale_hi = q_scale * k_scale[1];
         update_row_max(m_lo, m_hi, scale_lo, scale_hi, st, rescale, shift, kLog2PScale);
-        unmasked_exp<T, 0, kHalfTiles>(acc, scale_lo, scale_hi, shift, sc, sum);
+        unmasked_exp<T, 0, kHalfTiles>(acc, scale_lo, scale_hi, shift, sc);
         pack_p_e4m3<T>(pa, sc);
-        issue_pv(i, pa, blk, true, 0, kHalfSlices);
-        unmasked_exp<T, kHalfTiles, T::kKTiles>(acc, scale_lo, scale_hi, shift, sc, sum);
+        issue_pv(i, pa, blk, ls, true, 0, kHalfSlices);
+        unmasked_exp<T, kHalfTiles, T::kKTiles>(acc, scale_lo, scale_hi, shift, sc);
         pack_p_e4m3<T>(pa, sc);
-        issue_pv(i, pa, blk, true, kHalfSlices, 2 * kHalfSlices);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) st.sum[r] = st.sum[r] * rescale[r] + sum[r];
+        issue_pv(i, pa, blk, ls, true, kHalfSlices, 2 * kHalfSlices);
         rescale_rows<T::kOTiles>(o, rescale);  // under the product
         wgmma_wait<0>();
         fence_registers(blk);
+        fence_registers(ls);
         add_block<T::kOTiles>(o, blk);
+        add_row_sums(st, rescale, ls);
       } else {
         wgmma_wait<0>();
         fence_registers(acc);
@@ -495,9 +519,10 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
           softmax(entry, acc, k_scale, sc, rescale);
           pack_p_e4m3<T>(pa, sc);
         }
+        float ls[1][4];
         if constexpr (kAccum == PvAccum::kBlockFp32) {
           float blk[T::kOTiles][4];
-          issue_pv(i, pa, blk, true);
+          issue_pv(i, pa, blk, ls, true);
           rescale_rows<T::kOTiles>(o, rescale);  // under the product
           wgmma_wait<0>();
           fence_registers(blk);
@@ -505,10 +530,12 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
         } else {
           rescale_rows<T::kOTiles>(o, rescale);
           fence_registers(o);
-          issue_pv(i, pa, o, false);
+          issue_pv(i, pa, o, ls, false);
           wgmma_wait<0>();
           fence_registers(o);
         }
+        fence_registers(ls);
+        add_row_sums(st, rescale, ls);
       }
       if (lane == 0) mbar_arrive(kv_free(i % T::kStages));
       entry = next_entry(i + 1);
@@ -521,6 +548,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     float sc[T::kKTiles][4];
     u32 pa[T::kKTiles / 4][4];
     float blk[T::kOTiles][4];  // "fp32+fp32": one step's P V
+    float ls[1][4];            // one step's row sums (add_row_sums)
     float rescale[2];
     if (kBlockSparse) step_scales(0, entry, k_scale);
     take_turn();
@@ -537,12 +565,12 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     // pipeline asynchronous).
     const auto pv_step = [&](int i, const u32 (&pa)[T::kKTiles / 4][4]) {  // the caller holds the turn
       if constexpr (kAccum == PvAccum::kBlockFp32) {
-        issue_pv(i, pa, blk, true);
+        issue_pv(i, pa, blk, ls, true);
       } else {
-        issue_pv(i, pa, o, false);
+        issue_pv(i, pa, o, ls, false);
       }
     };
-    const auto finish_pv = [&](int i) {  // after P(i) V(i) retired: fold it into O, free the stage
+    const auto finish_pv = [&](int i) {  // after P(i) V(i) retired: fold it into O and l, free the stage
       if constexpr (kAccum == PvAccum::kBlockFp32) {
         fence_registers(blk);
         rescale_rows<T::kOTiles>(o, rescale);
@@ -550,6 +578,8 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
       } else {
         fence_registers(o);
       }
+      fence_registers(ls);
+      add_row_sums(st, rescale, ls);
       if (lane == 0) mbar_arrive(kv_free(i % T::kStages));  // this warp is done reading the stage
     };
     const auto direct_rescale = [&]() {  // "fp32": O is the PV accumulator; rescale it first
@@ -602,6 +632,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   static_assert(T::kStageBytes == 2 * 4 * 32 * kHeadDim && T::kConsumers <= 4, "two consumers per slot");
   const u32 staging = stage_k((entries + (T::kConsumers == 2 ? consumer : consumer / 2)) % T::kStages) +
                       static_cast<u32>((T::kConsumers == 2 ? 0 : (consumer % 2) * 4) + warp) * 32 * kHeadDim;
+  keep_quad_leader_sums(st, lane);
   store_output<T>(p, rows, o, st, kLog2PScale, col_scale, col_bias, row0, lane,
                   smem_raw + (staging - smem_addr(smem_raw)));
   }

@@ -51,11 +51,11 @@ struct Traits {
   static constexpr int kVBytes = kBlockK * kHeadDim;
   static constexpr int kStageBytes = kKBytes + kVBytes;
   static constexpr int kBarriers = 1 + 3 * kStages;  // Q full; K full, V full, K/V free per stage
-  // [align slack][Q][Q source][stage 0: K V]...[barriers][step entry per stage][8 K scales per
-  // stage]; tiles on 1024-byte boundaries (the 128B swizzle's period), which every size above
-  // is a multiple of.
-  static constexpr int kSmemBytes =
-      1024 + kQBytes + kQSourceBytes + kStages * kStageBytes + 8 * kBarriers + 4 * kStages + 32 * kStages;
+  // [align slack][Q][Q source][stage 0: K V]...[ones tile][barriers][step entry per stage][8 K
+  // scales per stage]; tiles on 1024-byte boundaries (the 128B swizzle's period), which every
+  // size above is a multiple of.
+  static constexpr int kSmemBytes = 1024 + kQBytes + kQSourceBytes + kStages * kStageBytes + kOnesTileBytes +
+                                    8 * kBarriers + 4 * kStages + 32 * kStages;
 };
 
 }  // namespace sm90

@@ -222,6 +222,36 @@ __device__ __forceinline__ void wgmma_e4m3_m64n64k32(float (&d)[8][4], const u32
   }
 }
 
+/// @brief D(64x8 f32) = A(64x32 e4m3, registers) * B(32x8 e4m3, shared, K-major) (+ D if
+/// kAccumulate): with B all ones, each row's sum of the E4M3 P of a 32-key slice (the row sums
+/// on the tensor core, beside the P V product of the same slice).
+template <bool kAccumulate>
+__device__ __forceinline__ void wgmma_e4m3_m64n8k32(float (&d)[1][4], const u32 (&a)[4], u64 desc_b) {
+  if constexpr (kAccumulate) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, 1, 1, 1;"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+  } else {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, 0, 1, 1;"
+        : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+  }
+}
+
+/// Bytes of the all-ones B operand of wgmma_e4m3_m64n8k32: two 8x16-byte core matrices (K 0..15
+/// and 16..31), unswizzled.
+constexpr u32 kOnesTileBytes = 256;
+
+/// @brief Descriptor of the all-ones tile at `smem` (16-byte aligned; no swizzle). Both byte
+/// offsets are 128, the distance between its two core matrices, so whichever of them the
+/// hardware takes for the K step, every byte read lies in the tile (and is 1.0).
+__device__ __forceinline__ u64 ones_desc(u32 smem) {
+  return static_cast<u64>((smem & 0x3FFFFu) >> 4) | (static_cast<u64>(128 >> 4) << 16) |
+         (static_cast<u64>(128 >> 4) << 32);
+}
+
 /// @brief PV product of one 32-key slice into `d` for head dim 64 or 128.
 template <int kHeadDim, bool kAccumulate>
 __device__ __forceinline__ void wgmma_pv(float (&d)[kHeadDim / 8][4], const u32 (&a)[4], u64 desc_b) {

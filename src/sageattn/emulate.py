@@ -7,8 +7,10 @@ exactly, base-2 online softmax over 64-key blocks, then either P rounded to fp16
 (sm80: ``sm80_attention``) or P scaled by 448 and rounded to FP8 E4M3 times per-channel E4M3 V
 (sm89: ``sm89_attention``), in every PV accumulation mode of the kernels. The sm90 path
 (``sm90_attention``) is the sm89 path's quantization and arithmetic with 128-key main-loop steps
-(Hopper's wgmma tiles): one online-softmax max and rescale per 128 keys, and in "fp32+fp32" each
-128-key step's PV product from zero, then added into the fp32 output.
+(Hopper's wgmma tiles): one online-softmax max and rescale per 128 keys, in "fp32+fp32" each
+128-key step's PV product from zero, then added into the fp32 output, and the row sums ``l`` of
+the E4M3 P (the kernels take them on the tensor core beside the PV product, with an all-ones
+operand) where the sm80 and sm89 paths sum the fp32 P.
 
 Where it cannot be bit-faithful to the kernels:
 
@@ -510,20 +512,27 @@ def _block_pv_fp8(p8: torch.Tensor, v8: torch.Tensor, pv_accum: str) -> torch.Te
 
 def attention_fp8(qt: QuantizedFp8, *, seq_q: int, seq_k: int, head_dim: int, causal=False,
                   causal_offset: int = 0, pv_accum="fp32+fp16", out_dtype=torch.float16,
-                  return_lse=False, key_step: int = K_BLOCK):
+                  return_lse=False, key_step: int = K_BLOCK, row_sums: str = "fp32"):
     """Step 6 of the FP8-PV paths over quantized operands, ``key_step`` keys per main-loop step
-    (64: sm89, 128: sm90): ``p = exp2(s - m + log2 448)`` (fp32), row sums from fp32 ``p``,
-    ``p8 = E4M3(p)``, ``o = o*alpha + p8 @ v8`` in the mode's accumulation; out =
+    (64: sm89, 128: sm90): ``p = exp2(s - m + log2 448)`` (fp32), ``p8 = E4M3(p)``, row sums
+    from fp32 ``p`` (``row_sums="fp32"``, sm89) or from ``p8`` (``"e4m3"``, sm90: each step's
+    sum exact, rounded once), ``o = o*alpha + p8 @ v8`` in the mode's accumulation; out =
     ``o * (1/l) * v_scale + v_mean`` (zeros for rows with no visible key) in ``out_dtype``,
     (B, Hq, Sq, head_dim); LSE natural-log fp32 (B, Hq, Sq) or None."""
     if key_step <= 0 or key_step % K_BLOCK:
         raise ValueError(f"key_step must be a positive multiple of the {K_BLOCK}-key V tiles; "
                          f"got {key_step}")
+    if row_sums not in ("fp32", "e4m3"):
+        raise ValueError(f"row_sums must be 'fp32' or 'e4m3'; got {row_sums!r}")
     m, l, o = _running_state(qt, seq_q)
     for start, kv_head, s in _score_blocks(qt, seq_q, seq_k, causal, causal_offset, key_step):
+        l_before = l
         m, l, alpha, p = _softmax_step(m, l, s, LOG2_P_SCALE_FP8)
+        p8 = e4m3_rn_satfinite(p)
+        if row_sums == "e4m3":
+            l = l_before * alpha + p8.double().sum(dim=-1).float()
         v8 = _v_fp8_step(qt.v_fp8, start, key_step).index_select(1, kv_head)
-        o = o * alpha[..., None] + _block_pv_fp8(e4m3_rn_satfinite(p), v8, pv_accum)
+        o = o * alpha[..., None] + _block_pv_fp8(p8, v8, pv_accum)
     Hq, Hkv = qt.q_int8.shape[1], qt.k_int8.shape[1]
     kv_head = torch.arange(Hq, device=o.device) // (Hq // Hkv)
     seen = l > 0
@@ -538,7 +547,7 @@ def attention_fp8(qt: QuantizedFp8, *, seq_q: int, seq_k: int, head_dim: int, ca
 
 
 def _fp8_path(q, k, v, *, tensor_layout, is_causal, sm_scale, qk_quant_gran, pv_accum_dtype,
-              smooth_k, smooth_v, return_lse, causal_offset, key_step):
+              smooth_k, smooth_v, return_lse, causal_offset, key_step, row_sums):
     """The whole FP8-PV path (sm89: 64-key steps, sm90: 128) on any device."""
     qh, kh, vh = (to_hnd(x, tensor_layout) for x in (q, k, v))
     D = qh.shape[-1]
@@ -549,7 +558,7 @@ def _fp8_path(q, k, v, *, tensor_layout, is_causal, sm_scale, qk_quant_gran, pv_
     out, lse = attention_fp8(qt, seq_q=Sq, seq_k=Sk, head_dim=D, causal=is_causal,
                              causal_offset=(Sk - Sq) if causal_offset is None else causal_offset,
                              pv_accum=pv_accum_dtype, out_dtype=q.dtype, return_lse=return_lse,
-                             key_step=key_step)
+                             key_step=key_step, row_sums=row_sums)
     if tensor_layout == "NHD":
         out = out.transpose(1, 2).contiguous()
     return (out, lse) if return_lse else out
@@ -564,7 +573,7 @@ def sm89_attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=No
     return _fp8_path(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
                      qk_quant_gran=qk_quant_gran, pv_accum_dtype=pv_accum_dtype,
                      smooth_k=smooth_k, smooth_v=smooth_v, return_lse=return_lse,
-                     causal_offset=causal_offset, key_step=K_BLOCK)
+                     causal_offset=causal_offset, key_step=K_BLOCK, row_sums="fp32")
 
 
 # ---- the sm90 path: the sm89 path with 128-key wgmma steps ----------------------------------
@@ -574,13 +583,13 @@ def sm90_attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=No
                    smooth_v=False, return_lse=False, causal_offset=None):
     """The whole sm90 path on any device: same arguments and result as
     ``sageattn_qk_int8_pv_fp8_cuda_sm90``. Quantization is the sm89 path's (V scaled to 448);
-    the main loop steps over ``SM90_KEY_STEP`` (128) keys. ``pv_accum_dtype``: "fp32+fp32"
-    (each step's PV product from zero, added into the fp32 output) or "fp32"; both emulate
-    alike (a step's sum is exact here; see the module notes)."""
+    the main loop steps over ``SM90_KEY_STEP`` (128) keys and the row sums are of the E4M3 P.
+    ``pv_accum_dtype``: "fp32+fp32" (each step's PV product from zero, added into the fp32
+    output) or "fp32"; both emulate alike (a step's sum is exact here; see the module notes)."""
     if pv_accum_dtype not in PV_ACCUM_SM90:
         raise ValueError(f"pv_accum_dtype must be one of {', '.join(map(repr, PV_ACCUM_SM90))} "
                          f"on the sm90 path; got {pv_accum_dtype!r}")
     return _fp8_path(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
                      qk_quant_gran=qk_quant_gran, pv_accum_dtype=pv_accum_dtype,
                      smooth_k=smooth_k, smooth_v=smooth_v, return_lse=return_lse,
-                     causal_offset=causal_offset, key_step=SM90_KEY_STEP)
+                     causal_offset=causal_offset, key_step=SM90_KEY_STEP, row_sums="e4m3")
