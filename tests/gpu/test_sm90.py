@@ -15,6 +15,10 @@ Bounds:
   both well below the FP8 quantization error itself (rel-L1 ~0.037); the table records the
   measured values.
 * kernel vs reference: no worse than the emulator's own error plus that bound.
+* LSE: the row sums are of the E4M3 P (sm90 v16), so a P value that ex2.approx rounds across an
+  E4M3 midpoint moves its row's LSE by up to ln(1.045) against the emulator's; 99% of the rows
+  must still agree within path_checks.LSE_VS_EMU (the first run of v16 failed three tests on the
+  old per-row bound of 2e-3, with maxima of 2.2e-3 to 2.7e-3).
 * acceptance (issue 3, "Hopper flagship"): the outlier input (B=1, H=8, S=4096, D=128, bf16,
   K plus a per-channel bias 4*N(0,1)) through ``sageattn.sageattn`` (the default path on 9.0),
   causal and not: rel-L1 <= 0.035 and cos >= 0.9993 against fp32. The emulator of the specified
@@ -61,7 +65,7 @@ def sm90_device():
 def check(record, group, q, k, v, acc="fp32+fp32", **kw):
     """The sm90 entry point against its emulator and the reference (path_checks.check_call)."""
     return check_call(record, group, _CALL, emulate.sm90_attention, VS_EMU[acc], q, k, v,
-                      acc=acc, **kw)
+                      acc=acc, lse_of_rounded_p=True, **kw)
 
 
 # ---- acceptance --------------------------------------------------------------------------
