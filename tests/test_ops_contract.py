@@ -397,8 +397,9 @@ def test_kernel_names_refuse_other_paths_modes():
 
 
 def test_sm90_kernel_choice_matches_the_table():
-    # Dense non-causal "fp32+fp32" hd128 calls take the 192-row kernel (3 consumers); causal,
-    # block-sparse and "fp32" calls the 128-row ones; hd64 kernels are 192-row either way.
+    # Dense non-causal "fp32+fp32" hd128 calls take the 192-row kernel (3 consumers), causal ones
+    # too from SM90_CAUSAL_Q192_MIN_ROWS query rows; shorter causal, block-sparse and "fp32"
+    # calls the 128-row ones; hd64 kernels are 192-row either way.
     rows = {k.name: k for t in _kernel_table().TREES if t.name == "sm90" for k in t.kernels}
     cases = {(128, "fp32+fp32", False, False): ("acc32x32_q192_hd128", 192),
              (128, "fp32+fp32", False, True): ("acc32x32_hd128", 128),
@@ -413,6 +414,11 @@ def test_sm90_kernel_choice_matches_the_table():
         assert rows[name].q_rows == q_rows and rows[name].threads == 128 + 2 * q_rows
     assert ops.kernel_names("sm90", 128, "fp32+fp32")[-1].endswith("_q192_hd128")
     assert ops.kernel_names("sm90", 128, "fp32+fp32", is_causal=True)[-1].endswith("x32_hd128")
+    long = ops.SM90_CAUSAL_Q192_MIN_ROWS
+    for seq_q, tag in ((long - 1, "acc32x32_hd128"), (long, "acc32x32_q192_hd128")):
+        assert ops.sm90_kernel_names(128, "fp32+fp32", False, True, seq_q)[-1].endswith(tag)
+    assert ops.sm90_kernel_names(128, "fp32+fp32", True, True, long)[-1].endswith("sparse_hd128")
+    assert ops.sm90_kernel_names(128, "fp32", False, True, long)[-1].endswith("acc32_hd128")
 
 
 @pytest.mark.parametrize("D", [1, 36, 64, 72, 128])

@@ -41,7 +41,7 @@ from . import _abi, _loader, dispatch
 __all__ = ["attention", "sm80_forward", "sm89_forward", "sm90_forward", "kernel_names",
            "sm80_kernel_names", "sm89_kernel_names", "sm90_kernel_names",
            "attention_kernel_only", "quantized_operands", "ALWAYS_USE_OP", "POISON",
-           "SM90_QUANTIZE_Q_IN_KERNEL", "SM90_PROGRAMMATIC_LAUNCH"]
+           "SM90_QUANTIZE_Q_IN_KERNEL", "SM90_PROGRAMMATIC_LAUNCH", "SM90_CAUSAL_Q192_MIN_ROWS"]
 
 ALWAYS_USE_OP = False
 # Debug aid: fill every buffer the kernels should write (temporaries, out, lse) with NaN
@@ -60,6 +60,14 @@ SM90_QUANTIZE_Q_IN_KERNEL = "auto"
 # launch's tail) and waits for it before reading its output. The call's first launch is always
 # plain, so nothing of the call overlaps work queued before it. False: every launch plain.
 SM90_PROGRAMMATIC_LAUNCH = True
+# Causal "fp32+fp32" calls at head dim 128 with at least this many query rows take the 192-row
+# kernel (three in-order consumers), as non-causal ones always do. H100, whole calls, same run
+# (NOTES.md sm90 v16): +2.5-3% at 4k, +5-7% at 8k, 0-9% at 16k; -6% at 1k and +-3% at 2k, where
+# the two overlapping consumers keep the causal calls. The two kernels classify the steps next
+# to the diagonal differently (masked or not per CTA), so their outputs may differ in the last
+# bit: a varlen call whose longest sequence reaches the threshold and a dense call of a shorter
+# sequence are then not bit-identical.
+SM90_CAUSAL_Q192_MIN_ROWS = 4096
 
 _DTYPE_CODE = {torch.float16: _abi.DTYPE_FP16, torch.bfloat16: _abi.DTYPE_BF16}
 _GRAN_CODE = {"per_thread": _abi.GRAN_PER_THREAD, "per_warp": _abi.GRAN_PER_WARP}
@@ -450,11 +458,12 @@ def sm89_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
 
 
 def sm90_kernel_names(head_dim: int, pv_accum_dtype: str, block_sparse: bool = False,
-                      is_causal: bool = False) -> tuple:
+                      is_causal: bool = False, seq_q: int = 0) -> tuple:
     """(channel stats, quantize, attention) kernel names of the sm90 tree for a call; block-sparse
-    calls take the "fp32+fp32" kernel that walks the mask. Dense non-causal "fp32+fp32" calls at
-    head dim 128 take the 192-row kernel (three in-order consumers: 6-8% faster there, 3-4%
-    slower causal at 2k-4k, NOTES.md sm90 v12)."""
+    calls take the "fp32+fp32" kernel that walks the mask. Dense "fp32+fp32" calls at head dim
+    128 take the 192-row kernel (three in-order consumers: 6-8% faster non-causal, NOTES.md sm90
+    v12) unless causal with fewer than SM90_CAUSAL_Q192_MIN_ROWS query rows (``seq_q``: the
+    longest sequence's)."""
     d_pad = 64 if head_dim <= 64 else 128
     tag = _checked(pv_accum_dtype, _ACC_TAG_SM90, "sm90")
     if block_sparse:
@@ -462,7 +471,7 @@ def sm90_kernel_names(head_dim: int, pv_accum_dtype: str, block_sparse: bool = F
             raise ValueError("block-sparse attention on the sm90 path takes pv_accum_dtype "
                              "'fp32+fp32'")
         tag = "acc32x32_sparse"
-    elif tag == "acc32x32" and d_pad == 128 and not is_causal:
+    elif tag == "acc32x32" and d_pad == 128 and (not is_causal or seq_q >= SM90_CAUSAL_Q192_MIN_ROWS):
         tag = "acc32x32_q192"
     return ("sm90_channel_stats", f"sm90_quantize_qk_int8_v_fp8_hd{d_pad}",
             f"sm90_qkint8_pvfp8_{tag}_hd{d_pad}")
@@ -474,10 +483,12 @@ def sm90_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
                  kernel_only: bool = False, quantize_only: bool = False):
     """Run the sm90 kernels (INT8 QK^T and FP8 E4M3 PV with wgmma; the sm89 quantizer) on
     validated tensors; returns (out, lse or None) as sm89_forward does."""
+    seq_q = varlen[2] if varlen is not None else q.shape[2 if tensor_layout == "HND" else 1]
     return _int8_forward(
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
-        names=sm90_kernel_names(q.shape[-1], pv_accum_dtype, block_mask is not None, is_causal),
+        names=sm90_kernel_names(q.shape[-1], pv_accum_dtype, block_mask is not None, is_causal,
+                                seq_q),
         fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)), block_mask=block_mask,
         varlen=varlen, kernel_only=kernel_only, quantize_only=quantize_only, tensor_maps=True)
 

@@ -154,9 +154,19 @@ def _packed(lengths, H, D, dtype, seed):
     return x, cu
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS + (("sm90_q192",) if "sm90" in PATHS else ()))
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_equals_per_sequence_calls(path, causal):
+def test_varlen_equals_per_sequence_calls(monkeypatch, path, causal):
+    # "sm90_q192": every causal hd128 call on the 192-row kernel, which by default takes causal
+    # calls only from ops.SM90_CAUSAL_Q192_MIN_ROWS query rows (the longest sequence's, for
+    # varlen); the varlen call and the per-sequence calls must take the same kernel.
+    from sageattn import ops
+
+    if path == "sm90_q192":
+        monkeypatch.setattr(ops, "SM90_CAUSAL_Q192_MIN_ROWS", 1)
+        path = "sm90"
+    else:
+        monkeypatch.setattr(ops, "SM90_CAUSAL_Q192_MIN_ROWS", 1 << 30)
     rng = torch.Generator().manual_seed(7 + causal)
     lengths_q = torch.randint(1, 4097, (8,), generator=rng).tolist()
     lengths_k = lengths_q if not causal else torch.randint(1, 4097, (8,), generator=rng).tolist()
