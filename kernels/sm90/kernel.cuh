@@ -4,7 +4,8 @@
 // Hopper's FP8 MMA accumulates with reduced precision) on the quantizer of the other INT8 trees
 // (kernels/common/quantize.cuh). One change: the row sums are of the E4M3 P, taken on the
 // tensor core beside each P V product (an all-ones B operand), not of the fp32 P on the FMA
-// pipe (NOTES.md sm90 v16; accuracy unchanged on the CPU, 64 fewer instructions per warp and step).
+// pipe: 64 fewer instructions per warp and step, outputs as accurate, the LSE carrying E4M3's
+// rounding of P and the tensor core's truncated sums (NOTES.md sm90 v16).
 //
 // A CTA owns 128 query rows: warpgroup 0 copies (one thread issues the tensor copies of Q once
 // and of K/V per 128-key step into a kStages ring), warpgroups 1 and 2 compute 64 rows each:
@@ -119,8 +120,8 @@ __device__ __forceinline__ void add_row_sums(RowStats& st, const float (&rescale
   st.sum[1] = fmaf(st.sum[1], rescale[1], ls[0][2]);
 }
 
-/// @brief Zero the sums of lanes 1-3 of each quad: the epilogue's finish_rows adds a quad's
-/// partial sums, and here lane 0 alone holds the whole of each.
+/// @brief Zero the sums of lanes 1-3 of each quad: every lane holds its rows' whole sums, and the
+/// epilogue's finish_rows adds the four lanes' partial sums.
 __device__ __forceinline__ void keep_quad_leader_sums(RowStats& st, int lane) {
   if (lane % 4 != 0) st.sum[0] = st.sum[1] = 0.f;
 }
