@@ -97,7 +97,7 @@ def sm120_attend(qt: QuantizedFp4, *, seq_q: int, seq_k: int, head_dim: int, sm_
     """The attention launch over NVFP4 buffers (the quantizer's, or the emulator's moved to the
     GPU): returns (out in ``tensor_layout``, contiguous, and the LSE (B, Hq, Sq) or None).
     ``causal_offset`` defaults to ``seq_k - seq_q`` (bottom-right)."""
-    B, Hq, rows, d_pad = qt.q_fp4.shape[0], qt.q_fp4.shape[1], qt.q_fp4.shape[2], qt.q_mean.shape[-1]
+    B, Hq, rows = qt.q_fp4.shape[0], qt.q_fp4.shape[1], qt.q_fp4.shape[2]
     Hkv, k_blocks = qt.k_fp4.shape[1], qt.v_fp4.shape[2]
     q_blocks = rows // _Q_BLOCK
     dev = qt.q_fp4.device
