@@ -32,7 +32,9 @@ Where it cannot be bit-faithful to the kernels:
   the tensor core rounds partial sums. The emulator's "fp32" and "fp32+fp32" are therefore the
   same computation; they differ in the kernels only in where that rounding happens.
   On sm_90 the FP8 ``wgmma`` accumulates with less than fp32 precision (Hopper's FP8 MMA
-  drops low-order bits of its sums); that is not modelled: tests/gpu/test_sm90.py bounds it.
+  drops low-order bits of its sums), in the PV products and in the row sums of the E4M3 P
+  (the kernel's ``l`` comes out slightly low: LSE -3.5e-5 on average against this emulator,
+  measured on an H100); that is not modelled: tests/gpu/test_sm90.py bounds it.
 * Division ``o / l`` on the sm80 path: the kernels multiply by ``1/l`` (the sm89 emulator does
   the same, in the kernels' order: ``o * (1/l) * v_scale + v_mean``).
 
