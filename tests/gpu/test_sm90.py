@@ -18,9 +18,9 @@ Bounds:
 * LSE vs emulator (``LSE_VS_EMU_SM90``): since sm90 v16 the row sums come from the tensor core
   (the E4M3 P times an all-ones tile), whose FP8 accumulation drops low-order bits like the P V
   product's, so the kernel's l is slightly low: measured on an H100, kernel minus emulator LSE
-  -3.5e-5 to -3.7e-5 on average on random and outlier inputs (max 5.6e-4), -6.4e-4 with a peaked softmax (sm_scale 0.3,
-  D 64: max 2.3e-3); the emulator's exact sums had agreed to 1e-6. Bound 5e-3 (the other paths,
-  with fp32 sums: path_checks.LSE_VS_EMU = 2e-3).
+  -3.5e-5 to -3.7e-5 on average on random and outlier inputs (max 5.6e-4), -6.4e-4 with a
+  peaked softmax (sm_scale 0.3, D 64: max 2.3e-3); the emulator's exact sums had agreed to
+  1e-6. Bound 5e-3 (the other paths, with fp32 sums: path_checks.LSE_VS_EMU = 2e-3).
 * acceptance (issue 3, "Hopper flagship"): the outlier input (B=1, H=8, S=4096, D=128, bf16,
   K plus a per-channel bias 4*N(0,1)) through ``sageattn.sageattn`` (the default path on 9.0),
   causal and not: rel-L1 <= 0.035 and cos >= 0.9993 against fp32. The emulator of the specified

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sageattn
+from sageattn import ops
 
 pytestmark = pytest.mark.gpu
 
@@ -160,8 +161,6 @@ def test_varlen_equals_per_sequence_calls(monkeypatch, path, causal):
     # "sm90_q192": every causal hd128 call on the 192-row kernel, which by default takes causal
     # calls only from ops.SM90_CAUSAL_Q192_MIN_ROWS query rows (the longest sequence's, for
     # varlen); the varlen call and the per-sequence calls must take the same kernel.
-    from sageattn import ops
-
     if path == "sm90_q192":
         monkeypatch.setattr(ops, "SM90_CAUSAL_Q192_MIN_ROWS", 1)
         path = "sm90"
