@@ -56,15 +56,27 @@ constexpr u32 kSkipLo = 1u << 30, kSkipHi = 1u << 31, kStepMask = kSkipLo - 1;
 constexpr u32 kEndOfSteps = kStepMask;
 
 /// @brief Each row's max over score tiles [kFirst, kFirst + kKTiles/2) (one 64-key half), on the
-/// unscaled INT32 scores.
+/// unscaled INT32 scores. The overlapping kernels take it with Hopper's three-way integer max
+/// (DPX, one instruction per two scores) before the conversion: the same value as the max of
+/// the converted scores, +2-5% kernel alone although ptxas then spills 64-76 bytes there. The
+/// in-order kernel keeps the max of the converted scores: the DPX max cost it 2-7% at 1k-8k,
+/// and a depth-3 tree of DPX maxima more (NOTES.md sm90 v17).
 template <class T, int kFirst>
 __device__ __forceinline__ void half_row_max(const int (&acc)[T::kKTiles][4], float (&m)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    m[r] = static_cast<float>(acc[kFirst][2 * r]);
+    if constexpr (T::kOverlap) {
+      int mi = max(acc[kFirst][2 * r], acc[kFirst][2 * r + 1]);
 #pragma unroll
-    for (int j = kFirst; j < kFirst + T::kKTiles / 2; ++j)
-      m[r] = fmaxf(m[r], fmaxf(static_cast<float>(acc[j][2 * r]), static_cast<float>(acc[j][2 * r + 1])));
+      for (int j = kFirst + 1; j < kFirst + T::kKTiles / 2; ++j)
+        mi = __vimax3_s32(mi, acc[j][2 * r], acc[j][2 * r + 1]);
+      m[r] = static_cast<float>(mi);  // exact: |acc| <= 127 * 127 * kHeadDim < 2^24
+    } else {
+      m[r] = static_cast<float>(acc[kFirst][2 * r]);
+#pragma unroll
+      for (int j = kFirst; j < kFirst + T::kKTiles / 2; ++j)
+        m[r] = fmaxf(m[r], fmaxf(static_cast<float>(acc[j][2 * r]), static_cast<float>(acc[j][2 * r + 1])));
+    }
   }
 }
 
@@ -323,7 +335,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   } else {
   // setmaxnreg applies only when each warpgroup role is one branch of a single if/else.
   warpgroup_claim_registers<T::kConsumerRegs>();
-  const int consumer = wg - 1;
+  const int consumer = __shfl_sync(0xffffffffu, wg - 1, 0);  // warp-uniform to the compiler too
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int warp_q0 = q0 + 16 * (consumer * 4 + warp);  // this warp's 16 rows
   const int row0 = warp_q0 + lane / 4;
@@ -367,13 +379,19 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     mbar_wait(k_full(i % T::kStages), (i / T::kStages) & 1);
     return kBlockSparse ? ld_shared_u32(step_info + 4u * (i % T::kStages)) : static_cast<u32>(i);
   };
+  // The tiles' descriptors, built once: products advance them to their stage and K slice.
+  const u64 q_desc0 = kmajor_desc(q_rows, T::kQkGroupBytes, T::kQkSwizzle);
+  const u64 k_desc0 = kmajor_desc(stage_k(0), T::kQkGroupBytes, T::kQkSwizzle);
+  const u64 v_desc0 = kmajor_desc(stage_v(0), T::kVGroupBytes, T::kVSwizzle);
   // S = Q K^T of entry i into `acc` (asynchronous: the caller waits).
   // `half` < 0: all 128 keys; 0 or 1: keys 64*half.. into score tiles 8*half.. (N = 64).
   const auto issue_qk = [&](int i, int (&acc)[T::kKTiles][4], int half = -1) {
-    const u32 k_tile = stage_k(i % T::kStages) + (half > 0 ? 64u * kHeadDim : 0u);  // 8 swizzle periods
+    // K of stage i % kStages, keys 64*half.. (8 swizzle periods on)
+    const u32 k_offset = static_cast<u32>(i % T::kStages) * T::kStageBytes + (half > 0 ? 64u * kHeadDim : 0u);
+    const u64 k_tile = desc_advance(k_desc0, k_offset);
     wgmma_fence();
-    const auto q_desc = [&](int kk) { return kmajor_desc(q_rows + 32 * kk, T::kQkGroupBytes, T::kQkSwizzle); };
-    const auto k_desc = [&](int kk) { return kmajor_desc(k_tile + 32 * kk, T::kQkGroupBytes, T::kQkSwizzle); };
+    const auto q_desc = [&](int kk) { return desc_advance(q_desc0, 32u * kk); };
+    const auto k_desc = [&](int kk) { return desc_advance(k_tile, 32u * kk); };
     if (half < 0) {
       wgmma_s8_m64n128k32<false>(acc, q_desc(0), k_desc(0));
 #pragma unroll
@@ -400,8 +418,8 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     for (int c = 0; c < T::kKTiles / 4; ++c) {
       if (c < first || c >= last) continue;
       // slice c: 64-key block c/2, byte offset 32*(c%2)
-      const u64 v_desc = kmajor_desc(stage_v(s) + static_cast<u32>(c / 2) * T::kVBlockBytes + 32u * (c % 2),
-                                     T::kVGroupBytes, T::kVSwizzle);
+      const u64 v_desc =
+          desc_advance(v_desc0, static_cast<u32>(s) * T::kStageBytes + static_cast<u32>(c / 2) * T::kVBlockBytes + 32u * (c % 2));
       if (c == 0 && fresh) {
         wgmma_pv<kHeadDim, false>(d, pa[c], v_desc);
       } else {

@@ -26,6 +26,20 @@ __device__ __forceinline__ u64 kmajor_desc(u32 smem, u32 group_bytes, Swizzle sw
          (static_cast<u64>(swizzle) << 62);
 }
 
+/// @brief `desc` moved `bytes` further into shared memory. Only the start-address field (bits
+/// 0-13: address >> 4) changes, by a 32-bit add on the low word: shared addresses stay below
+/// 2^18, so the field never carries into the flags above it. Kernels build each tile's
+/// descriptor once and advance it per stage and K slice (one add per product instead of
+/// rebuilding every field; NOTES.md sm90 v17).
+__device__ __forceinline__ u64 desc_advance(u64 desc, u32 bytes) {
+  u32 lo, hi;
+  asm("mov.b64 {%0, %1}, %2;" : "=r"(lo), "=r"(hi) : "l"(desc));
+  lo += bytes >> 4;
+  u64 out;
+  asm("mov.b64 %0, {%1, %2};" : "=l"(out) : "r"(lo), "r"(hi));
+  return out;
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 
