@@ -20,9 +20,9 @@ caching allocator:
   and mean with ``smooth_v``), one fused quantize launch (Q, K to INT8, V to a transposed
   E4M3 tile), one attention launch.
 * sm90: the sm89 sequence (its quantizer, compiled for sm_90a), then the attention kernel with
-  three tensor maps over the quantized operands (cached by address and geometry); for hd128
-  non-causal calls the Q map covers the caller's Q, which the kernel quantizes itself, and the
-  quantize launch skips Q (``SM90_QUANTIZE_Q_IN_KERNEL``). Every launch after the call's first
+  three tensor maps over the quantized operands (cached by address and geometry); for dense
+  calls the Q map covers the caller's Q, which the kernel quantizes itself, and the quantize
+  launch skips Q (``SM90_QUANTIZE_Q_IN_KERNEL``). Every launch after the call's first
   is a programmatic dependent launch (``SM90_PROGRAMMATIC_LAUNCH``): it may start while the
   previous one drains, and waits for it in the kernel before reading its output.
 """
@@ -49,10 +49,10 @@ ALWAYS_USE_OP = False
 POISON = os.environ.get("SAGEATTN_DEBUG_POISON", "") not in ("", "0")
 # Whether the sm90 kernel quantizes Q itself (it can for a dense call with head dim 64 or 128,
 # 16-byte aligned Q and no LSE correction to compute): the quantize launch then skips Q's round
-# trip through memory, and each CTA quantizes its rows before its first product. "auto": only
-# where that measured faster, hd128 non-causal (+1-3% whole call at 1k-16k; causal and hd64
-# within +-2%: the per-CTA prologue eats the saving; NOTES.md sm90 v13). True: wherever it can
-# (tests), False: never.
+# trip through memory, and each CTA quantizes its rows before its first product. "auto" (the
+# default) and True: wherever it can (hd128 non-causal +1-3% whole call at 1k-16k, NOTES.md sm90
+# v13; since v17 also causal and hd64: +3-4.5% at 1k, +0-1.5% at 2k-4k, within noise at 8k-16k,
+# NOTES.md "Q quantized in the kernel for every dense call"). False: never.
 SM90_QUANTIZE_Q_IN_KERNEL = "auto"
 # Whether the sm90 path launches its second and later kernels as programmatic dependent launches
 # (kernels/common/grid_dependency.cuh): each may start while the previous one drains (its
@@ -265,10 +265,12 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
         vec_q = _vectorized(qh, qs, D)
         # Q quantized inside the sm90 kernel: no Q jobs in the quantize launch, no Q buffers.
         policy = SM90_QUANTIZE_Q_IN_KERNEL
+        if policy not in (True, False, "auto"):
+            raise ValueError(f"ops.SM90_QUANTIZE_Q_IN_KERNEL must be True, False or 'auto', "
+                             f"not {policy!r}")
         q_in_kernel = (tensor_maps and policy is not False and varlen is None
                        and block_mask is None and D == d_pad and vec_q and not smooth_lse
-                       and not kernel_only and not quantize_only
-                       and (policy is True or (d_pad == 128 and not is_causal)))
+                       and not kernel_only and not quantize_only)
         q_spec = None if q_in_kernel else ((B, Hq, q_blocks * _Q_BLOCK, d_pad), torch.int8)
         scratch = _Scratch(dev, {
             "q_int8": q_spec,

@@ -491,7 +491,8 @@ def test_long_causal_calls_take_the_192_row_kernel(record, monkeypatch):
 
 
 def test_q_in_kernel_policy(monkeypatch):
-    # "auto" (the default): the kernel quantizes Q for hd128 non-causal calls only.
+    # "auto" (the default): the kernel quantizes Q of every dense call it can, causal or not,
+    # hd64 or hd128; False: never.
     monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", "auto")
     launched = []
     real = ops._launch
@@ -501,4 +502,9 @@ def test_q_in_kernel_policy(monkeypatch):
     for D, causal in ((128, False), (128, True), (64, False), (64, True)):
         q, k, v = make(B=1, H=2, Sq=256, D=D)
         sm90(q, k, v, is_causal=causal)
-    assert [x for x in launched if x is not None] == [1, -1, -1, -1]
+    assert [x for x in launched if x is not None] == [1, 1, 1, 1]
+    launched.clear()
+    monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", False)
+    q, k, v = make(B=1, H=2, Sq=256, D=128)
+    sm90(q, k, v)
+    assert [x for x in launched if x is not None] == [-1]
