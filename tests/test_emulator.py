@@ -376,3 +376,59 @@ def test_lse_merge_of_two_halves():
     m = reference.compare(merged, ref)
     assert m["rel_l1"] < 0.0135 and m["cos"] > 0.99992
     assert (lse - ref_lse).abs().max() < LSE_ATOL
+
+
+# ---- the K mean from a sample of keys ------------------------------------------------------
+
+@given(length=st.integers(2, 100_000), n=st.integers(1, 4096))
+@settings(max_examples=200, deadline=None)
+def test_sampled_tokens_one_per_stratum(length, n):
+    if n >= length:
+        return
+    t = emulate.sampled_tokens(length, n)
+    i = torch.arange(n)
+    # token i is the floor of a point of stratum i, [i * length / n, (i + 1) * length / n)
+    assert torch.all((t + 1) * n > i * length) and torch.all(t * n < (i + 1) * length)
+    assert torch.all(t[1:] >= t[:-1]) and int(t[0]) >= 0 and int(t[-1]) < length
+    if length >= 2 * n:  # strata of two tokens or more: no token twice
+        assert torch.all(t[1:] > t[:-1])
+
+
+def test_k_mean_of_a_short_sequence_is_exact():
+    _, k, _ = make(Sq=64, Sk=emulate.K_MEAN_SAMPLE_TOKENS, D=64, outlier=True)
+    assert torch.equal(emulate.k_channel_mean(k, 64), emulate.k_channel_mean(k, 64, sample=0))
+    assert not torch.equal(emulate.k_channel_mean(torch.cat([k, -k[:, :, :1]], dim=2), 64),
+                           emulate.k_channel_mean(torch.cat([k, -k[:, :, :1]], dim=2), 64, sample=0))
+
+
+def test_k_mean_sample_does_not_alias_with_a_period():
+    # Channels rotating with a period of exactly one stratum (length / n = 8 keys), as rotary
+    # embeddings do: a sample at a fixed offset per stratum would see one phase and be off by
+    # the amplitude; the hashed offsets keep the sampled mean near the exact one (~0).
+    S, n, D = 2048, emulate.K_MEAN_SAMPLE_TOKENS, 64
+    t = torch.arange(S, dtype=torch.float64)[:, None]
+    phase = torch.linspace(0, math.pi, D, dtype=torch.float64)[None, :]
+    k = (10 * torch.cos(2 * math.pi * t / (S // n) + phase)).float()[None, None]
+    exact = emulate.k_channel_mean(k, D, sample=0)
+    sampled = emulate.k_channel_mean(k, D, sample=n)
+    assert exact.abs().max() < 1e-3
+    assert sampled.abs().max() < 2.0, sampled.abs().max()          # amplitude 10
+    strided = k[:, :, ::S // n].double().mean(dim=2)                 # for contrast: aliased
+    assert strided.abs().max() > 5.0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_k_mean_sample_costs_no_accuracy(monkeypatch, causal):
+    # The outlier input (K + 4 N(0,1) per channel): smoothing with the mean of 256 sampled keys
+    # instead of all 4096 changes the sm90 path's error by under 1% of itself.
+    q, k, v = make(H=2, Sq=4096, D=128, outlier=True)
+    ref = reference.attention(q, k, v, is_causal=causal)
+    errs = {}
+    for sample in (0, emulate.K_MEAN_SAMPLE_TOKENS):
+        full = emulate.k_channel_mean
+        monkeypatch.setattr(emulate, "k_channel_mean",
+                            lambda k_, d, sample_=sample, full_=full: full_(k_, d, sample=sample_))
+        errs[sample] = reference.compare(emulate.sm90_attention(q, k, v, is_causal=causal),
+                                         ref)["rel_l1"]
+        monkeypatch.undo()
+    assert errs[emulate.K_MEAN_SAMPLE_TOKENS] <= 1.01 * errs[0], errs

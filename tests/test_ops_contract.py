@@ -124,8 +124,9 @@ class FakeExt:
         x = self.mem.view(p.src, _DT[p.in_dtype], (p.batch, p.heads, p.seq, p.head_dim),
                           strides + (1,))
         shape = (p.batch, p.heads, p.head_dim_padded)
+        assert p.sample_tokens == 0 or (p.mean and not p.minimum)  # samples: the K mean only
         mean, lo, hi = emulate.channel_stats(x, p.head_dim_padded, mean=bool(p.mean),
-                                             minmax=bool(p.minimum))
+                                             minmax=bool(p.minimum), sample=p.sample_tokens)
         for ptr, value in ((p.mean, mean), (p.minimum, lo), (p.maximum, hi)):
             if ptr:
                 self.mem.view(ptr, torch.float32, shape).copy_(value)

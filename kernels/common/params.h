@@ -6,7 +6,7 @@
 
 namespace sageattn {
 
-constexpr unsigned kAbiVersion = 6;
+constexpr unsigned kAbiVersion = 7;
 constexpr int kDtypeFp16 = 0;
 constexpr int kDtypeBf16 = 1;
 constexpr int kGranPerThread = 0;
@@ -27,7 +27,7 @@ struct ChannelStatsParams {
   int head_dim_padded;
   int in_dtype;
   int vectorized;
-  int _pad0;
+  int sample_tokens;
   unsigned long long cu_seqlens;
 };
 static_assert(sizeof(ChannelStatsParams) == 96, "ABI");
@@ -46,7 +46,7 @@ static_assert(__builtin_offsetof(ChannelStatsParams, head_dim) == 68, "ABI");
 static_assert(__builtin_offsetof(ChannelStatsParams, head_dim_padded) == 72, "ABI");
 static_assert(__builtin_offsetof(ChannelStatsParams, in_dtype) == 76, "ABI");
 static_assert(__builtin_offsetof(ChannelStatsParams, vectorized) == 80, "ABI");
-static_assert(__builtin_offsetof(ChannelStatsParams, _pad0) == 84, "ABI");
+static_assert(__builtin_offsetof(ChannelStatsParams, sample_tokens) == 84, "ABI");
 static_assert(__builtin_offsetof(ChannelStatsParams, cu_seqlens) == 88, "ABI");
 #endif
 

@@ -97,6 +97,16 @@ struct ChannelRun8 {
   }
 };
 
+/// @brief Token of sample i (of n) of a sequence of `len` > n tokens: the floor of a point in the
+/// i-th of n equal strata, at a fixed pseudo-random offset inside it (a golden-ratio hash of i),
+/// so a periodic pattern along the sequence (rotary embeddings) cannot alias with the sample.
+/// Exact integer math (n <= 65536: no overflow), mirrored by emulate.sampled_tokens.
+__device__ __forceinline__ int sampled_token(int i, int len, int n) {
+  const unsigned long long offset = (static_cast<unsigned>(i) * 2654435769u) >> 22;  // [0, 1024)
+  return static_cast<int>((static_cast<unsigned long long>(i) * 1024u + offset) * static_cast<unsigned>(len) /
+                          (static_cast<unsigned long long>(n) * 1024u));
+}
+
 /// @brief Per-channel mean / min / max over tokens (fp32, (B, H, D_pad) each; null outputs
 /// skipped). Grid (D_pad/64, H, B), 256 threads: 8 lanes cover 64 channels, 32 row lanes stride
 /// the tokens; fixed-order reduction, so the result is deterministic.
@@ -104,6 +114,11 @@ struct ChannelRun8 {
 /// Each row lane sums its rows (row_lane, row_lane + 32, ...) in that order; the loop fetches
 /// kStatsBatch of them before adding any, so a thread keeps 128 bytes in flight instead of one
 /// 16-byte load per add (the adds, and so the bits of the mean, are unchanged).
+///
+/// `sample_tokens` n > 0 and a sequence longer than n: the rows are the n sampled tokens
+/// (sampled_token, in sample order) and the mean divides by n. For the K mean only: any
+/// per-channel vector subtracted from every key leaves the softmax as it was, so a sample costs
+/// nothing but a little smoothing (NOTES.md "K mean from a sample"); V's min/max are exact.
 constexpr int kStatsBatch = 8;
 
 __device__ __forceinline__ void channel_stats(const ChannelStatsParams& p) {
@@ -116,18 +131,20 @@ __device__ __forceinline__ void channel_stats(const ChannelStatsParams& p) {
   const SeqSpan span = seq_span(p.cu_seqlens, b, p.seq);
   const u16* base = rows_of(p.src, p.src_stride_b, p.src_stride_h, p.src_stride_s, p.cu_seqlens, b, h, span);
   const float inf = __int_as_float(0x7f800000);
+  const bool sampled = p.sample_tokens > 0 && p.sample_tokens < span.len;
+  const int rows = sampled ? p.sample_tokens : span.len;
   ChannelRun8 run;
-  for (int s0 = row_lane; s0 < span.len; s0 += 32 * kStatsBatch) {
+  for (int s0 = row_lane; s0 < rows; s0 += 32 * kStatsBatch) {
     uint4 raw[kStatsBatch];
 #pragma unroll
     for (int r = 0; r < kStatsBatch; ++r) {
-      const int s = s0 + 32 * r;
-      raw[r] = s < span.len ? load_row_bits8(base + s * p.src_stride_s, d0, p.head_dim, vec)
-                            : make_uint4(0u, 0u, 0u, 0u);
+      const int i = s0 + 32 * r;
+      const int s = sampled ? sampled_token(i, span.len, rows) : i;
+      raw[r] = i < rows ? load_row_bits8(base + s * p.src_stride_s, d0, p.head_dim, vec) : make_uint4(0u, 0u, 0u, 0u);
     }
 #pragma unroll
     for (int r = 0; r < kStatsBatch; ++r) {
-      if (s0 + 32 * r >= span.len) break;
+      if (s0 + 32 * r >= rows) break;
       run.add(raw[r], is_bf16);
     }
   }
@@ -142,7 +159,7 @@ __device__ __forceinline__ void channel_stats(const ChannelStatsParams& p) {
     }
     const i64 i = (static_cast<i64>(b) * p.heads + h) * p.head_dim_padded + blockIdx.x * 64 + threadIdx.x;
     // An empty (varlen) sequence has mean 0 and min/max +-inf (its V scale becomes 0).
-    if (p.mean != 0) reinterpret_cast<float*>(p.mean)[i] = span.len > 0 ? total / static_cast<float>(span.len) : 0.f;
+    if (p.mean != 0) reinterpret_cast<float*>(p.mean)[i] = rows > 0 ? total / static_cast<float>(rows) : 0.f;
     if (p.minimum != 0) reinterpret_cast<float*>(p.minimum)[i] = mn;
     if (p.maximum != 0) reinterpret_cast<float*>(p.maximum)[i] = mx;
   }

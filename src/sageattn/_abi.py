@@ -18,7 +18,7 @@ import ctypes
 import sys
 
 # Bump whenever a struct below changes.
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 # Codes shared by Python and the kernels.
 DTYPE_FP16 = 0
@@ -31,7 +31,8 @@ _i32, _i64, _f32, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.
 
 class ChannelStatsParams(ctypes.Structure):
     """Per-channel statistics over tokens of a (B, H, S, D) tensor, fp32 (B, H, D_pad) each:
-    mean (K smoothing, V smoothing) and min/max (V's per-channel FP8 scale). Null outputs are skipped."""
+    mean (K smoothing, V smoothing) and min/max (V's per-channel FP8 scale). Null outputs are
+    skipped. ABI 7: ``sample_tokens`` (was padding) lets the K mean come from a sample."""
 
     _fields_ = [
         ("src", _ptr),             # const fp16/bf16*, (B, H, S, D) with strides below
@@ -43,7 +44,8 @@ class ChannelStatsParams(ctypes.Structure):
         ("head_dim", _i32), ("head_dim_padded", _i32),
         ("in_dtype", _i32),        # DTYPE_*
         ("vectorized", _i32),      # 1: 16-byte loads are aligned (pointer, strides, head_dim)
-        ("_pad0", _i32),
+        ("sample_tokens", _i32),   # n > 0: statistics of n tokens spread over each sequence
+                                   # (emulate.sampled_tokens), all of a shorter one; 0: all
         ("cu_seqlens", _ptr),      # const int32 (B+1) or 0: packed varlen input (src_stride_b unused)
     ]
 

@@ -56,6 +56,7 @@ from .reference import to_hnd
 
 __all__ = [
     "Quantized", "padded_head_dim", "q_group_of_row", "k_slot_of_key", "k_channel_mean",
+    "K_MEAN_SAMPLE_TOKENS", "sampled_tokens",
     "quantize_q", "quantize_k", "convert_v", "lse_correction", "quantize", "attention",
     "sm80_attention",
     # the sm89 path
@@ -142,9 +143,30 @@ def _quantize_groups(x: torch.Tensor, amax: torch.Tensor):
     return x_i8, amax / _f32(127.0, x.device)
 
 
-def k_channel_mean(k: torch.Tensor, head_dim_padded: int) -> torch.Tensor:
-    """Step 1: per-channel mean of K over tokens, fp32 (B, Hkv, D_pad), padded columns 0."""
+# K smoothing takes the channel mean of this many keys spread over the sequence (all keys of a
+# shorter one): any per-channel vector subtracted from every key leaves the softmax unchanged
+# (the LSE correction uses the same vector), so the sample costs only smoothing quality (none
+# measurable on the outlier input) and saves a whole read of K (NOTES.md "K mean from a sample").
+K_MEAN_SAMPLE_TOKENS = 256
+
+
+def sampled_tokens(length: int, n: int) -> torch.Tensor:
+    """Token indices of an ``n``-sample of a ``length``-token sequence (``n < length``): the
+    floor of one point in each of n equal strata, at a golden-ratio-hashed offset inside it (no
+    aliasing with periodic patterns such as rotary embeddings; below 2n tokens a token may be
+    taken twice). The kernels' ``sampled_token``, exactly."""
+    i = torch.arange(n, dtype=torch.int64)
+    offset = ((i * 2654435769) % (1 << 32)) >> 22
+    return (i * 1024 + offset) * length // (n * 1024)
+
+
+def k_channel_mean(k: torch.Tensor, head_dim_padded: int,
+                   sample: int = K_MEAN_SAMPLE_TOKENS) -> torch.Tensor:
+    """Step 1: per-channel mean of K over tokens (over ``sample`` of them, sampled_tokens, when
+    the sequence is longer; 0: all), fp32 (B, Hkv, D_pad), padded columns 0."""
     B, H, S, D = k.shape
+    if 0 < sample < S:
+        k, S = k[:, :, sampled_tokens(S, sample).to(k.device)], sample
     mean = torch.zeros((B, H, head_dim_padded), dtype=torch.float32, device=k.device)
     mean[:, :, :D] = k.to(torch.float64).sum(dim=2).float() / _f32(float(S), k.device)
     return mean
@@ -428,17 +450,20 @@ def v_scale_max(pv_accum: str) -> float:
         raise ValueError(f"unknown FP8 pv accumulation {pv_accum!r}") from None
 
 
-def channel_stats(x: torch.Tensor, head_dim_padded: int, *, mean=True, minmax=False):
-    """``sm89_channel_stats``: per-channel (mean, min, max) over tokens, fp32 (B, H, D_pad)
-    each (None where not asked for), padded columns 0."""
+def channel_stats(x: torch.Tensor, head_dim_padded: int, *, mean=True, minmax=False, sample=0):
+    """``sm89_channel_stats``: per-channel (mean, min, max) over tokens (over ``sample`` of
+    them when the sequence is longer, as the kernel's ``sample_tokens``; 0: all), fp32
+    (B, H, D_pad) each (None where not asked for), padded columns 0."""
     B, H, S, D = x.shape
+    if 0 < sample < S:
+        x = x[:, :, sampled_tokens(S, sample).to(x.device)]
     lo = hi = None
     if minmax:
         lo = torch.zeros((B, H, head_dim_padded), dtype=torch.float32, device=x.device)
         hi = torch.zeros_like(lo)
         lo[:, :, :D] = x.float().amin(dim=2)
         hi[:, :, :D] = x.float().amax(dim=2)
-    return (k_channel_mean(x, head_dim_padded) if mean else None), lo, hi
+    return (k_channel_mean(x, head_dim_padded, sample=0) if mean else None), lo, hi
 
 
 def quantize_v_fp8(v: torch.Tensor, mean: Optional[torch.Tensor], vmin: torch.Tensor,

@@ -141,7 +141,7 @@ def q_block_mean(q: torch.Tensor, head_dim_padded: int, per_block_mean: bool = T
     blocks = -(-S // Q_BLOCK)
     out = torch.zeros((B, H, blocks, head_dim_padded), dtype=torch.float32, device=q.device)
     if not per_block_mean:
-        out[..., :D] = k_channel_mean(q, head_dim_padded)[:, :, None, :D]
+        out[..., :D] = k_channel_mean(q, head_dim_padded, sample=0)[:, :, None, :D]  # exact
         return out
     x = torch.zeros((B, H, blocks * Q_BLOCK, D), dtype=torch.float64, device=q.device)
     x[:, :, :S] = q.double()

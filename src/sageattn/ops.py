@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 
 from . import _abi, _loader, dispatch
+from .emulate import K_MEAN_SAMPLE_TOKENS  # the algorithm's constant (the emulator states it)
 
 __all__ = ["attention", "sm80_forward", "sm89_forward", "sm90_forward", "kernel_names",
            "sm80_kernel_names", "sm89_kernel_names", "sm90_kernel_names",
@@ -200,15 +201,21 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 
 def _channel_stats(kernel, ordinal, stream, x, geometry, strides, head_dim, d_pad, dtype_code, *,
-                   cu_seqlens=None, mean=0, minimum=0, maximum=0, programmatic=False) -> None:
+                   cu_seqlens=None, mean=0, minimum=0, maximum=0, programmatic=False,
+                   sample_tokens=0) -> None:
     """One channel-stats launch; ``geometry`` = (B, H, S) (S: the longest sequence when
-    ``cu_seqlens`` packs varlen sequences). Outputs are addresses; 0 ones are not computed."""
+    ``cu_seqlens`` packs varlen sequences). Outputs are addresses; 0 ones are not computed.
+    ``sample_tokens`` > 0: over that many tokens of each longer sequence (the K mean only:
+    emulate.K_MEAN_SAMPLE_TOKENS); V's min/max must see every token."""
     B, H, S = geometry
+    if not 0 <= sample_tokens <= 1 << 16 or (sample_tokens and (minimum or maximum)):
+        raise ValueError(f"sample_tokens {sample_tokens}: 0..65536, and only for a mean")
     p = _abi.ChannelStatsParams(
         src=x.data_ptr(), src_stride_b=strides[0], src_stride_h=strides[1],
         src_stride_s=strides[2], mean=mean, minimum=minimum, maximum=maximum,
         batch=B, heads=H, seq=S, head_dim=head_dim, head_dim_padded=d_pad, in_dtype=dtype_code,
-        vectorized=_vectorized(x, strides, head_dim), cu_seqlens=_ptr(cu_seqlens))
+        vectorized=_vectorized(x, strides, head_dim), sample_tokens=sample_tokens,
+        cu_seqlens=_ptr(cu_seqlens))
     _launch(kernel, ordinal, (d_pad // 64, H, B), p, stream, programmatic)
 
 
@@ -291,7 +298,8 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
         overlap = tensor_maps and SM90_PROGRAMMATIC_LAUNCH
         if smooth_k:
             _channel_stats(stats_kernel, ordinal, stream, kh, (B, Hkv, Sk), ks, D, d_pad,
-                           dtype_code, cu_seqlens=cu_k, mean=k_mean)
+                           dtype_code, cu_seqlens=cu_k, mean=k_mean,
+                           sample_tokens=K_MEAN_SAMPLE_TOKENS)
         if fp8_v:
             _channel_stats(stats_kernel, ordinal, stream, vh, (B, Hkv, Sk), vs, D, d_pad,
                            dtype_code, cu_seqlens=cu_k, mean=v_mean, minimum=v_min, maximum=v_max,

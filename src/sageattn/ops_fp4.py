@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from . import _abi, _loader, dispatch
+from .emulate import K_MEAN_SAMPLE_TOKENS
 from .emulate_fp4 import QuantizedFp4
 from .ops import (_DTYPE_CODE, _K_BLOCK, _LOG2E, _Q_BLOCK, _channel_stats, _current_stream,
                   _device_guard, _empty, _fake_dense_outputs, _hnd, _launch, _no_lse, _ptr, _strides, _traced,
@@ -71,7 +72,7 @@ def sm120_quantize(q, k, v, *, tensor_layout: str = "HND", sm_scale: float,
             else None)
         if smooth_k:
             _channel_stats(stats, ordinal, stream, kh, (B, Hkv, Sk), ks, D, d_pad, dtype_code,
-                           mean=_ptr(k_mean))
+                           mean=_ptr(k_mean), sample_tokens=K_MEAN_SAMPLE_TOKENS)
         if q_seq_mean is not None:
             _channel_stats(stats, ordinal, stream, qh, (B, Hq, Sq), qs, D, d_pad, dtype_code,
                            mean=_ptr(q_seq_mean))

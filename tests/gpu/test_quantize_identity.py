@@ -5,6 +5,8 @@ correction (a dot product whose summation order the emulator does not follow).
 * Channel stats: ``stats_model`` replays the kernel's fixed summation order in fp32 (row lane
   r adds rows r, r+32, r+64, ... in turn; the 32 lane partials are then added in lane order;
   one division by the length), so the mean must match to the bit; min/max are order-free.
+  The K mean is of emulate.K_MEAN_SAMPLE_TOKENS sampled keys where the sequence is longer
+  (lengths 1000 and 4097 below), the same rows in the same order.
 * Quantize: given the kernel's own channel statistics, the emulator's quantize_q / quantize_k
   / convert_v / quantize_v_fp8 use the kernel's fp32 operations in the kernel's order
   (emulate.py says so), so INT8 codes, E4M3 codes, fp16 V and every scale must match to the
@@ -58,12 +60,15 @@ def _bits_equal(name, got, want):
                     f"{idx}: kernel {got[tuple(idx)].item()} vs model {want[tuple(idx)].item()}")
 
 
-def stats_model(x: torch.Tensor, d_pad: int):
+def stats_model(x: torch.Tensor, d_pad: int, sample: int = 0):
     """The channel-stats kernel's (mean, min, max) of (B, H, S, D) ``x``, in its exact fp32
     order: per row lane r (0..31) a running sum over rows r, r+32, ...; then the lane sums
     added in lane order; then / S. Adding the zero padding rows changes no sum (the running
-    sum starts at +0 and cannot become -0)."""
+    sum starts at +0 and cannot become -0). ``sample`` (the K mean's sample_tokens): the rows
+    are the sampled tokens in sample order when S is longer."""
     B, H, S, D = x.shape
+    if 0 < sample < S:
+        x, S = x[:, :, emulate.sampled_tokens(S, sample)], sample
     xf = x.float().cpu()
     rows = -(-S // 32) * 32
     padded = torch.zeros((B, H, rows, d_pad), dtype=torch.float32)
@@ -129,7 +134,7 @@ def check_identity(tree, q, k, v, *, layout="HND", gran="per_thread", smooth_k=T
         where = f"{tree} batch {b}"
         k_mean = v_mean = None
         if smooth_k:
-            want_mean, _, _ = stats_model(ks, d_pad)
+            want_mean, _, _ = stats_model(ks, d_pad, emulate.K_MEAN_SAMPLE_TOKENS)
             _bits_equal(f"{where} k_mean", buf["k_mean"][b:b + 1], want_mean)
             k_mean = buf["k_mean"][b:b + 1].cpu()
         q_i8, q_scale = emulate.quantize_q(qs, s2, gran, d_pad)
