@@ -15,7 +15,7 @@ Methods (``--methods``, default all that run here):
 B=4, H=32, head dims 64 and 128, S = 1k..16k, non-causal and causal (all flags). Inputs are
 fresh random normals (never zeros: zero data runs faster on some tensor cores), made once per
 (S, head dim) and freed after. Each number is the median of ``triton.testing.do_bench``
-(warmup 10 ms, rep 40 ms by default; CUDA events when triton is missing) of the call: for whole
+(warmup 100 ms, rep 40 ms by default; CUDA events when triton is missing) of the call: for whole
 calls validation, quantization and allocation included. TOPS = 4*B*H*S^2*D / time, halved when
 causal; (ratio) = TOPS relative to cuDNN in the same run. A method that fails prints n/a with
 the reason and the run goes on. The default matrix takes about a minute on an H100 (estimate:
@@ -404,7 +404,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlens", type=int, nargs="+")
     ap.add_argument("--causal", choices=["both", "full", "causal"], default="both")
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
-    ap.add_argument("--warmup-ms", type=float, default=10.0)
+    # 100 ms: right after another method's rows (cuDNN's, at 2k-4k) a call needs tens of ms to
+    # reach its steady speed; with 10 ms our 4k whole call read 606-649 TOPS after the cuDNN
+    # rows and 681 without them or with 100 ms (H100, BENCHMARKS.md "Session 9").
+    ap.add_argument("--warmup-ms", type=float, default=100.0)
     ap.add_argument("--rep-ms", type=float, default=40.0)
     args = ap.parse_args(argv)
     defaults = QUICK if args.quick else FULL
