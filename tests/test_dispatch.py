@@ -331,6 +331,23 @@ def test_explain_sm89_devices(package, device, cap, name, gran):
     assert r["kernel"] == "sm89_qkint8_pvfp8_acc32x32_hd64"
 
 
+def test_explain_sm90_kernel_by_causality_and_length(package, device):
+    package(FULL)
+    device((9, 0), "NVIDIA H100 80GB HBM3")
+    from sageattn import ops
+    n = ops.SM90_CAUSAL_Q192_MIN_ROWS
+    kernels = {(causal, S): dispatch.explain(0, is_causal=causal, seq_len=S)["kernel"]
+               for causal in (False, True) for S in (0, n - 1, n)}
+    assert kernels == {(False, 0): "sm90_qkint8_pvfp8_acc32x32_q192_hd128",
+                       (False, n - 1): "sm90_qkint8_pvfp8_acc32x32_q192_hd128",
+                       (False, n): "sm90_qkint8_pvfp8_acc32x32_q192_hd128",
+                       (True, 0): "sm90_qkint8_pvfp8_acc32x32_hd128",
+                       (True, n - 1): "sm90_qkint8_pvfp8_acc32x32_hd128",
+                       (True, n): "sm90_qkint8_pvfp8_acc32x32_q192_hd128"}
+    assert dispatch.explain(0, head_dim=64, is_causal=True, seq_len=n)["kernel"] == \
+        "sm90_qkint8_pvfp8_acc32x32_hd64"
+
+
 def test_explain_forced_sm89_on_h100(package, device):
     package(FULL)
     device((9, 0), "NVIDIA H100 80GB HBM3")

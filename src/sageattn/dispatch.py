@@ -355,9 +355,12 @@ class Explanation(dict):
 
 def explain(device=None, *, path: Optional[str] = None, head_dim: int = 128,
             qk_quant_gran: Optional[str] = None, pv_accum_dtype: Optional[str] = None,
-            is_causal: bool = False) -> Explanation:
-    """Which path (and kernel, for a dense call with ``head_dim`` and ``is_causal``) a call on
-    ``device`` runs, and why, plus which trees and architectures the installed package carries.
+            is_causal: bool = False, seq_len: int = 0) -> Explanation:
+    """Which path (and kernel, for a dense call with ``head_dim``, ``is_causal`` and ``seq_len``
+    query rows) a call on ``device`` runs, and why, plus which trees and architectures the
+    installed package carries. ``seq_len`` matters only where the kernel depends on it (sm90:
+    causal hd128 calls of ``ops.SM90_CAUSAL_Q192_MIN_ROWS`` rows or more take the 192-row
+    kernel); 0 names the kernel of a short call.
 
     ``device``: None (current CUDA device), an index, "cuda:N", a torch.device or a tensor.
     Never raises for a missing or unsupported GPU: the report says so in "reason".
@@ -388,7 +391,8 @@ def explain(device=None, *, path: Optional[str] = None, head_dim: int = 128,
     from .ops import kernel_names
 
     try:
-        names = kernel_names(choice.path, head_dim, config.get("pv_accum_dtype"), is_causal)
+        names = kernel_names(choice.path, head_dim, config.get("pv_accum_dtype"), is_causal,
+                             seq_len)
     except ValueError as exc:        # a pv_accum_dtype the path does not offer
         report["reason"] = f"{choice.reason}; {exc}"
         return report

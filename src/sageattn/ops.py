@@ -107,14 +107,15 @@ def sm89_kernel_names(head_dim: int, pv_accum_dtype: str) -> tuple:
 
 
 def kernel_names(path: str, head_dim: int, pv_accum_dtype: str,
-                 is_causal: bool = False) -> Optional[tuple]:
-    """The kernels a dense call on ``path`` launches (None for a path without a runner here)."""
+                 is_causal: bool = False, seq_q: int = 0) -> Optional[tuple]:
+    """The kernels a dense call on ``path`` launches (None for a path without a runner here);
+    ``seq_q``: the call's query length (sm90's causal kernel depends on it)."""
     if path == "sm120_fp4":
         from .ops_fp4 import sm120_kernel_names
 
         return sm120_kernel_names(head_dim)
-    if path == "sm90":  # its kernel depends on causality too
-        return sm90_kernel_names(head_dim, pv_accum_dtype, is_causal=is_causal)
+    if path == "sm90":  # its kernel depends on causality and, causal, the query length too
+        return sm90_kernel_names(head_dim, pv_accum_dtype, is_causal=is_causal, seq_q=seq_q)
     names = {"sm80": sm80_kernel_names, "sm89": sm89_kernel_names}.get(path)
     return names(head_dim, pv_accum_dtype) if names else None
 
