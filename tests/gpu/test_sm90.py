@@ -32,6 +32,7 @@ Bounds:
 """
 
 import math
+from typing import NamedTuple, Optional
 
 import pytest
 import torch
@@ -345,27 +346,44 @@ def test_long_sequence_65k(record):
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}  # _abi.DTYPE_*
 
 
-def _q_in_kernel_vs_quantizer(monkeypatch, q, k, v, **kw):
-    """The same call with Q quantized inside the kernel and by the quantizer: equal bit for bit
-    (same lanes, scale groups and rounding), and each launch sequence as intended."""
-    launched = []
+class Launch(NamedTuple):
+    name: str                # the kernel's
+    grid: tuple
+    q_source: Optional[int]  # Sm90AttnParams.q_source_dtype (attention launches), else None
+    programmatic: bool
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every ops._launch of the test, in order (each still runs)."""
+    log = []
     real = ops._launch
 
     def spy(kernel, device, grid, params, stream, programmatic=False):
-        launched.append((kernel.name, grid, getattr(params, "q_source_dtype", None)))
+        log.append(Launch(kernel.name, grid, getattr(params, "q_source_dtype", None), programmatic))
         real(kernel, device, grid, params, stream, programmatic)
 
     monkeypatch.setattr(ops, "_launch", spy)
-    def quantize_ctas():  # the quantize launch's jobs (Q's, and K's and V's when not streamed)
-        return sum(grid[0] for name, grid, _ in launched if "quantize_qk" in name)
+    return log
 
-    monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", True)  # every kernel, not only the policy's
+
+def _q_sources(launches):
+    return [x.q_source for x in launches if x.q_source is not None]
+
+
+def _q_in_kernel_vs_quantizer(monkeypatch, launches, q, k, v, **kw):
+    """The same call with Q quantized inside the kernel and by the quantizer: equal bit for bit
+    (same lanes, scale groups and rounding), and each launch sequence as intended."""
+    def quantize_ctas():  # the quantize launch's jobs (Q's, K's and V's)
+        return sum(x.grid[0] for x in launches if "quantize_qk" in x.name)
+
+    monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", True)  # every kernel that can
     out_kernel = sm90(q, k, v, **kw)
-    quant_grid, q_source = quantize_ctas(), launched[-1][2]
-    launched.clear()
+    quant_grid, q_source = quantize_ctas(), launches[-1].q_source
+    launches.clear()
     monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", False)
     out_quantizer = sm90(q, k, v, **kw)
-    assert launched[-1][2] == -1 and quantize_ctas() > quant_grid, "Q jobs must run here"
+    assert launches[-1].q_source == -1 and quantize_ctas() > quant_grid, "Q jobs must run here"
     return out_kernel, out_quantizer, q_source
 
 
@@ -374,12 +392,13 @@ def _q_in_kernel_vs_quantizer(monkeypatch, q, k, v, **kw):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_q_quantized_in_kernel_equals_quantizer(monkeypatch, D, gran, causal, layout, dtype):
+def test_q_quantized_in_kernel_equals_quantizer(monkeypatch, launches, D, gran, causal, layout,
+                                               dtype):
     # Sq = 300: partial 128- and 192-row CTAs; GQA; Sk != Sq.
     q, k, v = make(B=2, H=4, Hkv=2, Sq=300, Sk=520, D=D, dtype=dtype, layout=layout, seed=D)
     q = q * 3.0  # rows of varied magnitude across the scale groups
     out_kernel, out_quantizer, q_source = _q_in_kernel_vs_quantizer(
-        monkeypatch, q, k, v, tensor_layout=layout, is_causal=causal, qk_quant_gran=gran)
+        monkeypatch, launches, q, k, v, tensor_layout=layout, is_causal=causal, qk_quant_gran=gran)
     assert q_source == _DTYPE_CODES[dtype], "the kernel was meant to quantize Q here"
     assert torch.equal(out_kernel, out_quantizer)
     # Equal outputs could still both be wrong: hold them to the fp32 reference too (the FP8
@@ -390,7 +409,7 @@ def test_q_quantized_in_kernel_equals_quantizer(monkeypatch, D, gran, causal, la
 
 
 @pytest.mark.parametrize("case", ["sliced", "one_row", "one_head_batch"])
-def test_q_quantized_in_kernel_strides(monkeypatch, case):
+def test_q_quantized_in_kernel_strides(monkeypatch, launches, case):
     # Q as a 16-byte-aligned slice of a wider tensor (strides the copy engine takes as given),
     # a single query row, and size-1 batch/head dims (their strides are synthesized).
     if case == "sliced":
@@ -400,43 +419,30 @@ def test_q_quantized_in_kernel_strides(monkeypatch, case):
         q, k, v = make(B=2, H=2, Sq=1, Sk=700, D=64)
     else:
         q, k, v = make(B=1, H=1, Sq=390, Sk=390, D=128)
-    out_kernel, out_quantizer, q_source = _q_in_kernel_vs_quantizer(monkeypatch, q, k, v)
+    out_kernel, out_quantizer, q_source = _q_in_kernel_vs_quantizer(monkeypatch, launches, q, k, v)
     assert q_source >= 0
     assert torch.equal(out_kernel, out_quantizer)
     want = reference.attention(q, k, v)
     assert (out_kernel.float() - want).abs().sum() / want.abs().sum() < 0.05
 
 
-def test_q_from_the_quantizer_where_the_kernel_cannot(monkeypatch):
+def test_q_from_the_quantizer_where_the_kernel_cannot(monkeypatch, launches):
     # Head dim 72 (padded), an LSE with K smoothing (the quantizer's Q jobs compute the LSE
     # correction) and unaligned Q all keep the quantizer's Q.
     monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", True)
-    launched = []
-    real = ops._launch
-    monkeypatch.setattr(ops, "_launch", lambda kernel, device, grid, params, stream, programmatic=False: (
-        launched.append(getattr(params, "q_source_dtype", None)),
-        real(kernel, device, grid, params, stream, programmatic)))
     q, k, v = make(B=1, H=2, Sq=200, D=72)
     sm90(q, k, v)
     q, k, v = make(B=1, H=2, Sq=200, D=128)
     sm90(q, k, v, return_lse=True)
     sm90(torch.cat([q, q], dim=-1)[..., 4:132], k, v)
-    assert [x for x in launched if x is not None] == [-1, -1, -1]
+    assert _q_sources(launches) == [-1, -1, -1]
 
 
-def test_programmatic_launches(monkeypatch):
+def test_programmatic_launches(monkeypatch, launches):
     # A call's first launch is plain, the later ones programmatic (each may start while the one
     # before drains and waits for it in the kernel). Outputs must equal those of plain launches
     # bit for bit, over back-to-back calls of several shapes whose temporaries reuse memory
     # (a read of the quantizer's buffers before it finished would show here).
-    launched = []
-    real = ops._launch
-
-    def spy(kernel, device, grid, params, stream, programmatic=False):
-        launched.append(programmatic)
-        real(kernel, device, grid, params, stream, programmatic)
-
-    monkeypatch.setattr(ops, "_launch", spy)
     cases = [make(B=2, H=4, Sq=S, Sk=S, D=D, seed=S + D) + (causal,)
              for S, D, causal in ((1000, 128, False), (4096, 128, False), (333, 64, True),
                                   (2048, 128, True), (700, 64, False))]
@@ -446,12 +452,12 @@ def test_programmatic_launches(monkeypatch):
 
     monkeypatch.setattr(ops, "SM90_PROGRAMMATIC_LAUNCH", False)
     plain = calls()
-    assert not any(launched)
-    launched.clear()
+    assert not any(x.programmatic for x in launches)
+    launches.clear()
     monkeypatch.setattr(ops, "SM90_PROGRAMMATIC_LAUNCH", True)
     overlapped = calls()
     # channel stats of K (plain), of V, quantize, attention
-    assert launched == [False, True, True, True] * len(cases) * 3
+    assert [x.programmatic for x in launches] == [False, True, True, True] * len(cases) * 3
     for a, b in zip(plain, overlapped):
         assert torch.equal(a, b)
     q, k, v, _ = cases[1]
@@ -459,52 +465,39 @@ def test_programmatic_launches(monkeypatch):
     assert float((overlapped[3].float() - want).abs().sum() / want.abs().sum()) < 0.05
 
 
-def test_long_causal_calls_take_the_192_row_kernel(record, monkeypatch):
+def test_long_causal_calls_take_the_192_row_kernel(record, monkeypatch, launches):
     # Causal hd128 "fp32+fp32" calls take the 192-row kernel from ops.SM90_CAUSAL_Q192_MIN_ROWS
     # query rows on (counted alike in both layouts); with the threshold at 1, short causal shapes
     # run on it too, against the emulator: Sq = Sk, Sq < Sk (bottom-right diagonal), Sq > Sk
     # (rows that see no key), GQA, NHD, fp16, a partial last 192-row CTA.
-    names = []
-    real = ops._launch
-
-    def spy(kernel, device, grid, params, stream, programmatic=False):
-        names.append(kernel.name)
-        real(kernel, device, grid, params, stream, programmatic)
-
-    monkeypatch.setattr(ops, "_launch", spy)
     long = ops.SM90_CAUSAL_Q192_MIN_ROWS
     for Sq, layout, tag in ((long, "HND", "_q192_hd128"), (long - 1, "HND", "_acc32x32_hd128"),
                             (long, "NHD", "_q192_hd128")):
         q, k, v = make(H=1, Sq=Sq, D=128, layout=layout)
-        names.clear()
+        launches.clear()
         sm90(q, k, v, is_causal=True, tensor_layout=layout)
-        assert names[-1].endswith(tag), (Sq, layout, names)
+        assert launches[-1].name.endswith(tag), (Sq, layout, launches)
     monkeypatch.setattr(ops, "SM90_CAUSAL_Q192_MIN_ROWS", 1)
     for Sq, Sk, H, Hkv, layout, dtype in ((1000, 1000, 2, 2, "HND", torch.bfloat16),
                                           (333, 777, 4, 2, "NHD", torch.float16),
                                           (300, 100, 2, 2, "HND", torch.bfloat16),
                                           (129, 4097, 2, 1, "HND", torch.bfloat16)):
         q, k, v = make(H=H, Hkv=Hkv, Sq=Sq, Sk=Sk, D=128, dtype=dtype, layout=layout)
-        names.clear()
+        launches.clear()
         check(record, "sm90 causal on the 192-row kernel", q, k, v, causal=True, layout=layout)
-        assert names[-1].endswith("_q192_hd128"), names
+        assert launches[-1].name.endswith("_q192_hd128"), launches
 
 
-def test_q_in_kernel_policy(monkeypatch):
+def test_q_in_kernel_policy(monkeypatch, launches):
     # "auto" (the default): the kernel quantizes Q of every dense call it can, causal or not,
     # hd64 or hd128; False: never.
     monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", "auto")
-    launched = []
-    real = ops._launch
-    monkeypatch.setattr(ops, "_launch", lambda kernel, device, grid, params, stream, programmatic=False: (
-        launched.append(getattr(params, "q_source_dtype", None)),
-        real(kernel, device, grid, params, stream, programmatic)))
     for D, causal in ((128, False), (128, True), (64, False), (64, True)):
         q, k, v = make(B=1, H=2, Sq=256, D=D)
         sm90(q, k, v, is_causal=causal)
-    assert [x for x in launched if x is not None] == [1, 1, 1, 1]
-    launched.clear()
+    assert _q_sources(launches) == [1, 1, 1, 1]
+    launches.clear()
     monkeypatch.setattr(ops, "SM90_QUANTIZE_Q_IN_KERNEL", False)
     q, k, v = make(B=1, H=2, Sq=256, D=128)
     sm90(q, k, v)
-    assert [x for x in launched if x is not None] == [-1]
+    assert _q_sources(launches) == [-1]
