@@ -186,8 +186,8 @@ def sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout: str = "HND", is_causal
             block, fp32 across blocks; faster on some GPUs, but one block's partial sum
             overflows fp16 when ``64 * max|v|`` exceeds 65504, so keep |v| below ~1000).
             Plain "fp16" is not offered.
-        smooth_k: subtract K's per-channel mean before quantizing (softmax is unchanged;
-            the LSE is corrected back).
+        smooth_k: subtract K's per-channel mean (over 256 keys spread over a longer
+            sequence) before quantizing (softmax is unchanged; the LSE is corrected back).
         smooth_v: accepted for compatibility; only False (it belongs to the "fp16" mode).
     """
     scale = _validate(q, k, v, tensor_layout, is_causal, sm_scale, return_lse)
@@ -227,8 +227,8 @@ def sageattn_qk_int8_pv_fp8_cuda(q, k, v, tensor_layout: str = "HND", is_causal:
             Blackwell consumer GPUs; V is scaled to |V| <= 2.25 so a block cannot overflow.
             "fp32+fp32": in a separate fp32 accumulator (two-level accumulation).
             "fp32": straight into the fp32 output accumulator.
-        smooth_k: subtract K's per-channel mean before quantizing (softmax is unchanged;
-            the LSE is corrected back).
+        smooth_k: subtract K's per-channel mean (over 256 keys spread over a longer
+            sequence) before quantizing (softmax is unchanged; the LSE is corrected back).
         smooth_v: subtract V's per-channel mean before quantizing to FP8 (added back to the
             output: rows of P sum to 1). Helps when channels of V are offset from zero.
     """
@@ -394,8 +394,8 @@ def sageattn3_blackwell(q, k, v, is_causal: bool = False, per_block_mean: bool =
         per_block_mean: Q smoothing by the mean of each 128-token block (True) or of the whole
             sequence (False); the scores get ``mean_q . K^T`` back, so it changes only how
             well Q quantizes.
-        smooth_k: subtract K's per-channel mean before quantizing (softmax is unchanged; the
-            LSE is corrected back).
+        smooth_k: subtract K's per-channel mean (over 256 keys spread over a longer
+            sequence) before quantizing (softmax is unchanged; the LSE is corrected back).
     Inputs never modified; inference only. Traceable by torch.compile
     (op ``sageattn::fp4_attention``).
     """
