@@ -81,6 +81,7 @@ class FakeExt:
         self.mem = mem
         self.modules, self.functions, self.smem_limits, self.launches = {}, {}, {}, []
         self.v_scale_max = self.v_tile = None     # of the last FP8 quantize launch
+        self.stats_calls = []                     # (sample_tokens, mean?, min/max?) per launch
 
     def load_module(self, ordinal, image):
         tree = image.decode().removeprefix("fatbin:")
@@ -125,6 +126,7 @@ class FakeExt:
                           strides + (1,))
         shape = (p.batch, p.heads, p.head_dim_padded)
         assert p.sample_tokens == 0 or (p.mean and not p.minimum)  # samples: the K mean only
+        self.stats_calls.append((p.sample_tokens, bool(p.mean), bool(p.minimum)))
         mean, lo, hi = emulate.channel_stats(x, p.head_dim_padded, mean=bool(p.mean),
                                              minmax=bool(p.minimum), sample=p.sample_tokens)
         for ptr, value in ((p.mean, mean), (p.minimum, lo), (p.maximum, hi)):
@@ -494,6 +496,27 @@ def test_no_smoothing_skips_the_stats_kernel(fake_ext):
     smem = fake_ext.kernels["sm80_qkint8_pvfp16_acc32_hd128"]["smem"]
     assert fake_ext.smem_limits == ({"sm80_qkint8_pvfp16_acc32_hd128": smem}
                                     if smem > 48 * 1024 else {})
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_k_mean_from_a_sample_of_a_long_sequence(fake_ext, tree):
+    # Sk = 1000 > 256 keys: the K statistics launch takes the sample (the emulator's K mean
+    # samples the same keys, so a launch over every key would not match it bit for bit), V's
+    # statistics (sm89) see every token.
+    q, k, v = (rand(1, 2, 1000, 64, seed=i) for i in range(3))
+    k = k + 3 * rand(1, 2, 1, 64, seed=9)   # a channel bias, so the mean matters
+    run_ops(fake_ext, q, k, v, lse=True, tree=tree)
+    assert fake_ext.stats_calls[0] == (emulate.K_MEAN_SAMPLE_TOKENS, True, False)
+    assert all(sample == 0 and minmax for sample, _, minmax in fake_ext.stats_calls[1:])
+    assert len(fake_ext.stats_calls) == (2 if tree == "sm89" else 1)
+
+
+def test_channel_stats_sample_only_for_a_mean():
+    x = torch.zeros(1, 1, 300, 64, dtype=torch.float16)
+    for kw in ({"sample_tokens": 256, "minimum": 1, "maximum": 1}, {"sample_tokens": -1},
+               {"sample_tokens": (1 << 16) + 1}):
+        with pytest.raises(ValueError, match="sample_tokens"):
+            ops._channel_stats(None, 0, 0, x, (1, 1, 300), (0, 0, 64), 64, 64, 0, mean=1, **kw)
 
 
 @pytest.mark.parametrize("tree", TREES)
