@@ -160,13 +160,18 @@ def sampled_tokens(length: int, n: int) -> torch.Tensor:
     return (i * 1024 + offset) * length // (n * 1024)
 
 
+def _sampled_rows(x: torch.Tensor, sample: int) -> torch.Tensor:
+    """The ``sample`` sampled tokens of (B, H, S, D) ``x`` when S is longer, else ``x``."""
+    S = x.shape[2]
+    return x[:, :, sampled_tokens(S, sample).to(x.device)] if 0 < sample < S else x
+
+
 def k_channel_mean(k: torch.Tensor, head_dim_padded: int,
                    sample: int = K_MEAN_SAMPLE_TOKENS) -> torch.Tensor:
     """Step 1: per-channel mean of K over tokens (over ``sample`` of them, sampled_tokens, when
     the sequence is longer; 0: all), fp32 (B, Hkv, D_pad), padded columns 0."""
+    k = _sampled_rows(k, sample)
     B, H, S, D = k.shape
-    if 0 < sample < S:
-        k, S = k[:, :, sampled_tokens(S, sample).to(k.device)], sample
     mean = torch.zeros((B, H, head_dim_padded), dtype=torch.float32, device=k.device)
     mean[:, :, :D] = k.to(torch.float64).sum(dim=2).float() / _f32(float(S), k.device)
     return mean
@@ -454,9 +459,8 @@ def channel_stats(x: torch.Tensor, head_dim_padded: int, *, mean=True, minmax=Fa
     """``sm89_channel_stats``: per-channel (mean, min, max) over tokens (over ``sample`` of
     them when the sequence is longer, as the kernel's ``sample_tokens``; 0: all), fp32
     (B, H, D_pad) each (None where not asked for), padded columns 0."""
+    x = _sampled_rows(x, sample)
     B, H, S, D = x.shape
-    if 0 < sample < S:
-        x = x[:, :, sampled_tokens(S, sample).to(x.device)]
     lo = hi = None
     if minmax:
         lo = torch.zeros((B, H, head_dim_padded), dtype=torch.float32, device=x.device)
