@@ -166,6 +166,77 @@ def test_v_tile_matches_definition(smooth_v, scale_max):
                      scale[:, :, None, :9] * 2.0 ** -10 + 1e-6)
 
 
+def _sampled_stats(v, smooth_v, d_pad):
+    mean, lo, hi = emulate.channel_stats(v, d_pad, mean=smooth_v, minmax=True,
+                                         sample=emulate.V_AMAX_SAMPLE_TOKENS)
+    return mean, lo, hi, (mean if smooth_v else torch.zeros_like(lo))
+
+
+@pytest.mark.parametrize("smooth_v", [False, True])
+def test_v_scales_from_a_sample_with_a_margin(smooth_v):
+    # Sk = 3000 > 256: the bound is 16 x the sample's amax of |V - mean|; no code saturates, so
+    # every head keeps it, and the tile is the same quantization with that amax.
+    g = torch.Generator().manual_seed(11)
+    v = (torch.randn(2, 3, 3000, 80, generator=g) + 5 * torch.randn(2, 3, 1, 80, generator=g))
+    v = v.to(torch.bfloat16)
+    mean, lo, hi, mu = _sampled_stats(v, smooth_v, 128)
+    amax, exact = emulate.v_channel_amax(v, mean, lo, hi, 448.0, 128, emulate.V_AMAX_MARGIN)
+    assert not exact.any()
+    assert torch.equal(amax, 16 * torch.maximum(hi - mu, mu - lo).clamp(min=0))
+    full_lo, full_hi = emulate.channel_stats(v, 128, mean=False, minmax=True)[1:]
+    assert torch.all(torch.maximum(full_hi - mu, mu - full_lo) < amax[..., :80].max() + 1)
+    tile, scale = emulate.quantize_v_fp8(v, mean, lo, hi, 448.0, 128, emulate.V_AMAX_MARGIN)
+    assert torch.equal(scale, amax / 448.0)
+    x = (v.float() - mu[:, :, None, :80]) * (torch.tensor(448.0) / amax[:, :, None, :80])
+    vals = torch.cat([emulate.v_fp8_key_major(tile, kb) for kb in range(tile.shape[2])], 2)
+    assert torch.equal(vals[:, :, :3000, :80], emulate.e4m3_values(emulate.e4m3_bits(x)))
+    assert vals[:, :, :3000, :80].abs().max() < 448 / 4      # the margin's headroom, unused
+    # Dequantized: as close as with exact statistics (E4M3 spaces its values alike over its
+    # normal range); only values below ~2^-6 of the scale fall into subnormals.
+    deq = vals[:, :, :3000, :80] * scale[:, :, None, :80] + mu[:, :, None, :80]
+    err = (deq - v.float()).abs()
+    assert torch.all(err <= (v.float() - mu[:, :, None, :80]).abs() / 16 +
+                     scale[:, :, None, :80] * 2.0 ** -10 + 1e-6)
+
+
+@pytest.mark.parametrize("smooth_v", [False, True])
+def test_v_head_with_a_value_beyond_the_bound_takes_exact_statistics(smooth_v):
+    # One value off the sample at 40x its head's largest saturates a code under the bound: that
+    # head (all its channels) takes the exact amax, the other heads keep their bounds, and the
+    # outlier comes back to within an E4M3 step, not clipped.
+    g = torch.Generator().manual_seed(12)
+    v = torch.randn(1, 3, 1000, 64, generator=g).to(torch.float16)
+    sample = set(emulate.sampled_tokens(1000, emulate.V_AMAX_SAMPLE_TOKENS).tolist())
+    token = next(t for t in range(300, 1000) if t not in sample)
+    v[0, 2, token, 7] = -40 * v[0, 2].float().abs().max()
+    mean, lo, hi, mu = _sampled_stats(v, smooth_v, 64)
+    amax, exact = emulate.v_channel_amax(v, mean, lo, hi, 448.0, 64, emulate.V_AMAX_MARGIN)
+    assert exact.tolist() == [[False, False, True]]
+    bound = 16 * torch.maximum(hi - mu, mu - lo).clamp(min=0)
+    assert torch.equal(amax[0, :2], bound[0, :2])
+    assert torch.equal(amax[0, 2, :64], (v[0, 2].float() - mu[0, 2, :64]).abs().amax(0))
+    tile, scale = emulate.quantize_v_fp8(v, mean, lo, hi, 448.0, 64, emulate.V_AMAX_MARGIN)
+    got = emulate.v_fp8_key_major(tile, token // 64)[0, 2, token % 64, 7] * scale[0, 2, 7]
+    want = v[0, 2, token, 7].float() - mu[0, 2, 7]
+    assert got == -448.0 * scale[0, 2, 7] and abs(got - want) <= abs(want) / 16
+    # A value that rounds to 448 under the bound (>= 432/448 of it) is flagged too.
+    w = v.clone()
+    w[0, 0, token, 3] = (bound[0, 0, 3] * (433 / 448) + mu[0, 0, 3]).to(w.dtype)
+    assert emulate.v_channel_amax(w, mean, lo, hi, 448.0, 64, emulate.V_AMAX_MARGIN)[1][0, 0]
+
+
+def test_v_margin_only_where_v_spans_e4m3s_range():
+    assert emulate.v_amax_margin("fp32+fp32", False) == emulate.v_amax_margin("fp32", False) == 16
+    assert emulate.v_amax_margin("fp32+fp16", False) == 0.0   # V in [0, 2.25]: exact statistics
+    assert emulate.v_amax_margin("fp32+fp32", True) == 0.0    # smooth_v: the exact mean
+    # A bound that would overflow fp32 falls back to the sample's amax (whose extreme value
+    # maps to 448, a saturated code: the head is redone with the same, exact, amax).
+    v = torch.tensor([[3.0e38, -1.0]])[None, None].float()
+    _, lo, hi = emulate.channel_stats(v, 64, mean=False, minmax=True)
+    amax, exact = emulate.v_channel_amax(v, None, lo, hi, 448.0, 64, 16.0)
+    assert amax[0, 0, 0] == 3.0e38 and amax[0, 0, 1] == 1.0 and exact.all()
+
+
 def test_channel_stats():
     v = torch.tensor([[1.0, -2.0], [3.0, 5.0], [-1.0, 0.5]])[None, None].half()
     mean, lo, hi = emulate.channel_stats(v, 64, mean=True, minmax=True)

@@ -82,6 +82,7 @@ class FakeExt:
         self.modules, self.functions, self.smem_limits, self.launches = {}, {}, {}, []
         self.v_scale_max = self.v_tile = None     # of the last FP8 quantize launch
         self.stats_calls = []                     # (sample_tokens, mean?, min/max?) per launch
+        self.requantizes = 0                      # V requantize launches
 
     def load_module(self, ordinal, image):
         tree = image.decode().removeprefix("fatbin:")
@@ -125,7 +126,8 @@ class FakeExt:
         x = self.mem.view(p.src, _DT[p.in_dtype], (p.batch, p.heads, p.seq, p.head_dim),
                           strides + (1,))
         shape = (p.batch, p.heads, p.head_dim_padded)
-        assert p.sample_tokens == 0 or (p.mean and not p.minimum)  # samples: the K mean only
+        # Samples: the K mean, and V's statistics (sm89: min/max, mean with smooth_v).
+        assert p.sample_tokens in (0, emulate.K_MEAN_SAMPLE_TOKENS, emulate.V_AMAX_SAMPLE_TOKENS)
         self.stats_calls.append((p.sample_tokens, bool(p.mean), bool(p.minimum)))
         mean, lo, hi = emulate.channel_stats(x, p.head_dim_padded, mean=bool(p.mean),
                                              minmax=bool(p.minimum), sample=p.sample_tokens)
@@ -138,23 +140,23 @@ class FakeExt:
         B, Hq, Hkv, D, Dp = p.batch, p.heads_q, p.heads_kv, p.head_dim, p.head_dim_padded
         assert name.endswith(f"_hd{Dp}") and Dp == emulate.padded_head_dim(D)
         assert p.q_blocks == -(-p.seq_q // 128) and p.k_blocks == -(-p.seq_k // 64)
-        assert grid == (B * Hq * p.q_blocks + 2 * B * Hkv * p.k_blocks, 1, 1)
         fp8 = name.startswith("sm89_")
         if fp8:
             assert p.v_fp16 == 0 and p.v_fp8 and p.v_scale and p.v_min and p.v_max
             assert p.v_scale_max in (448.0, 2.25)
+            # A margin (sampled statistics) in the full-range modes only, with its flags.
+            exact = p.v_scale_max == 2.25 or p.v_mean      # "fp32+fp16", smooth_v
+            assert p.v_amax_margin == (0.0 if exact else emulate.V_AMAX_MARGIN)
+            assert bool(p.v_overflow) == (p.v_amax_margin > 0)
         else:
             assert p.v_fp8 == p.v_scale == p.v_mean == p.v_min == p.v_max == 0
-            assert p.v_scale_max == 0
+            assert p.v_scale_max == 0 and p.v_amax_margin == 0 and p.v_overflow == 0
+        assert grid == (B * Hq * p.q_blocks + 2 * B * Hkv * p.k_blocks, 1, 1)
         s2 = torch.tensor(p.sm_scale_log2e, dtype=torch.float32)
         assert p.sm_scale_log2e == ctypes.c_float(p.sm_scale * math.log2(math.e)).value
-        dt, m = _DT[p.in_dtype], self.mem
-        views = {}
-        for x, seq, heads in (("q", p.seq_q, Hq), ("k", p.seq_k, Hkv), ("v", p.seq_k, Hkv)):
-            strides = tuple(getattr(p, f"{x}_stride_{d}") for d in "bhs")
-            ptr = getattr(p, x)
-            _check_vec(getattr(p, f"vec_{x}"), ptr, strides, D)
-            views[x] = m.view(ptr, dt, (B, heads, seq, D), strides + (1,))
+        m = self.mem
+        views = {x: self._source(p, x, seq, heads)
+                 for x, seq, heads in (("q", p.seq_q, Hq), ("k", p.seq_k, Hkv), ("v", p.seq_k, Hkv))}
         mean = m.view(p.k_mean, torch.float32, (B, Hkv, Dp)) if p.k_mean else None
         gran = _GRAN[p.granularity]
         q_i8, q_scale = emulate.quantize_q(views["q"], s2, gran, Dp)
@@ -173,17 +175,63 @@ class FakeExt:
             corr = emulate.lse_correction(views["q"], mean, p.sm_scale)
             m.view(p.lse_correction, torch.float32, corr.shape).copy_(corr)
 
-    def _quantize_v_fp8(self, p, v):
-        """V^T tiles key by key: (B, Hkv, k_blocks, D_pad, 64) bytes, key p at _slot(p)."""
+    def _source(self, p, x, seq, heads):
+        strides = tuple(getattr(p, f"{x}_stride_{d}") for d in "bhs")
+        ptr = getattr(p, x)
+        _check_vec(getattr(p, f"vec_{x}"), ptr, strides, p.head_dim)
+        return self.mem.view(ptr, _DT[p.in_dtype], (p.batch, heads, seq, p.head_dim), strides + (1,))
+
+    def _v_stats(self, p, shape):
+        m = self.mem
+        lo, hi = m.view(p.v_min, torch.float32, shape), m.view(p.v_max, torch.float32, shape)
+        mean = m.view(p.v_mean, torch.float32, shape) if p.v_mean else torch.zeros(shape)
+        return lo, hi, mean
+
+    def requantize(self, name, grid, raw):
+        """Heads with a flagged V block again, from the exact amax of |V - mean|."""
+        p = _abi.QuantParams.from_buffer_copy(raw)
+        B, H, Dp = p.batch, p.heads_kv, p.head_dim_padded
+        assert name == f"sm89_requantize_v_fp8_hd{Dp}" and self.launches[-2].startswith("sm89_quantize")
+        assert p.v_amax_margin == emulate.V_AMAX_MARGIN and p.v_overflow
+        assert grid == (min(B * H, 256), 1, 1)
+        self.requantizes += 1
+        v = self._source(p, "v", p.seq_k, H)
+        S, D = v.shape[2:]
+        flagged = self.mem.view(p.v_overflow, torch.uint8, (B, H, p.k_blocks)).bool().any(dim=-1)
+        _, _, mean = self._v_stats(p, (B, H, p.head_dim_padded))
+        xf = v.float() - mean[:, :, None, :D]
+        exact = torch.zeros(B, H, p.head_dim_padded)
+        exact[:, :, :D] = xf.abs().amax(dim=2) if S else 0.0
+        bound = self._v_bound(p, B, H)
+        self._quantize_v_fp8(p, v, torch.where(flagged[..., None], exact, bound))
+
+    def _v_bound(self, p, B, H):
+        lo, hi, mean = self._v_stats(p, (B, H, p.head_dim_padded))
+        amax = torch.maximum(hi - mean, mean - lo).clamp(min=0)
+        if p.v_amax_margin == 0:
+            return amax
+        bound = amax * torch.tensor(p.v_amax_margin, dtype=torch.float32)
+        return torch.where(bound <= 3.4028234663852886e38, bound, amax)
+
+    def _quantize_v_fp8(self, p, v, amax=None):
+        """V^T tiles key by key: (B, Hkv, k_blocks, D_pad, 64) bytes, key p at _slot(p), from
+        ``amax`` (the requantize launch's) or the bound; the quantize launch also flags each
+        block where a code saturates (magnitude 0x7e: 448, or 0x7f: NaN)."""
         B, H, S, D = v.shape
         Dp, m = p.head_dim_padded, self.mem
         stats = (B, H, Dp)
-        lo, hi = m.view(p.v_min, torch.float32, stats), m.view(p.v_max, torch.float32, stats)
-        mean = m.view(p.v_mean, torch.float32, stats) if p.v_mean else torch.zeros(stats)
-        amax = torch.maximum(hi - mean, mean - lo)
+        _, _, mean = self._v_stats(p, stats)
+        bound = self._v_bound(p, B, H)
+        flag = amax is None and p.v_overflow
+        amax = bound if amax is None else amax
         scale_max = torch.tensor(p.v_scale_max, dtype=torch.float32)
         inv = torch.where(amax > 0, scale_max / amax, torch.tensor(0.0))
         codes = emulate.e4m3_bits((v.float() - mean[:, :, None, :D]) * inv[:, :, None, :D])
+        if flag:
+            flags = torch.zeros(B, H, p.k_blocks * 64, dtype=torch.bool)
+            flags[:, :, :S] = ((codes & 0x7F) >= 0x7E).any(-1)
+            m.view(p.v_overflow, torch.uint8, (B, H, p.k_blocks)).copy_(
+                flags.view(B, H, p.k_blocks, 64).any(-1))
         tile = m.view(p.v_fp8, torch.uint8, (B, H, p.k_blocks, Dp, 64))
         tile.zero_()
         for key in range(S):
@@ -324,9 +372,11 @@ def test_configs_sm89(fake_ext, dtype, gran, acc, smooth_v):
     v = v + 3 * rand(2, 4, 1, 64, dtype=dtype, seed=7)     # channels offset from zero
     run_ops(fake_ext, q, k, v, gran=gran, acc=acc, lse=True, tree="sm89", smooth_v=smooth_v)
     tag = {"fp32": "acc32", "fp32+fp32": "acc32x32", "fp32+fp16": "acc16x32"}[acc]
-    # K mean, then V min/max (and mean), then the fused quantize and the attention.
-    assert fake_ext.launches == ["sm89_channel_stats", "sm89_channel_stats",
-                                 "sm89_quantize_qk_int8_v_fp8_hd64",
+    # K mean, then V min/max (and mean), then the fused quantize (and, where V's scales take
+    # a margin, the requantize launch) and the attention.
+    quant = ["sm89_quantize_qk_int8_v_fp8_hd64"] + (
+        [] if acc == "fp32+fp16" or smooth_v else ["sm89_requantize_v_fp8_hd64"])
+    assert fake_ext.launches == ["sm89_channel_stats", "sm89_channel_stats", *quant,
                                  f"sm89_qkint8_pvfp8_{tag}_hd64"]
     assert fake_ext.v_scale_max == (2.25 if acc == "fp32+fp16" else 448.0)
 
@@ -335,6 +385,7 @@ def test_sm89_no_smoothing_runs_only_the_v_stats(fake_ext):
     q, k, v = (rand(1, 2, 64, 128, seed=i) for i in range(3))
     run_ops(fake_ext, q, k, v, smooth_k=False, lse=True, tree="sm89", acc="fp32")
     assert fake_ext.launches == ["sm89_channel_stats", "sm89_quantize_qk_int8_v_fp8_hd128",
+                                 "sm89_requantize_v_fp8_hd128",
                                  "sm89_qkint8_pvfp8_acc32_hd128"]
     smem = fake_ext.kernels["sm89_qkint8_pvfp8_acc32_hd128"]["smem"]
     assert smem == 320 * 128 + 256  # Q + 2 stages of K and V^T + the block-sparse mask window
@@ -350,8 +401,35 @@ def test_sm89_v_tile_is_the_emulators(fake_ext, smooth_v):
     v = rand(1, 2, 150, 72, seed=3) * 40
     run_ops(fake_ext, q, k, v, tree="sm89", acc="fp32+fp32", smooth_v=smooth_v)
     mean, lo, hi = emulate.channel_stats(v, 128, mean=smooth_v, minmax=True)
-    tile, _ = emulate.quantize_v_fp8(v, mean, lo, hi, 448.0, 128)
+    tile, _ = emulate.quantize_v_fp8(v, mean, lo, hi, 448.0, 128,
+                                     emulate.v_amax_margin("fp32+fp32", smooth_v))
     assert tile.shape == (1, 2, 3, 128, 64) and torch.equal(tile, fake_ext.v_tile)
+
+
+@pytest.mark.parametrize("D", [64, 100])
+def test_sm89_v_scales_from_a_sample_and_the_requantize_launch(fake_ext, D):
+    # Sk = 1000 > 256: V's statistics launch takes the sample; head 1 has a value off the sample
+    # at 50x its head's largest (beyond the 16x bound): the quantize launch flags its block, the
+    # requantize launch redoes that head from exact statistics, and the output is the
+    # emulator's (which models both) to the bit. Head 0 keeps 16x its sample's amax.
+    q, k, v = (rand(1, 2, 1000, D, seed=i) for i in range(3))
+    sample = set(emulate.sampled_tokens(1000, emulate.V_AMAX_SAMPLE_TOKENS).tolist())
+    token = next(t for t in range(500, 1000) if t not in sample)
+    v[0, 1, token, 3] = 50 * v[0, 1].abs().max()
+    run_ops(fake_ext, q, k, v, lse=True, tree="sm89", acc="fp32+fp32")
+    assert fake_ext.stats_calls[1] == (emulate.V_AMAX_SAMPLE_TOKENS, False, True)
+    assert fake_ext.requantizes == 1
+    Dp = emulate.padded_head_dim(D)
+    _, lo, hi = emulate.channel_stats(v, Dp, mean=False, minmax=True, sample=256)
+    amax, exact = emulate.v_channel_amax(v, None, lo, hi, 448.0, Dp, emulate.V_AMAX_MARGIN)
+    assert exact.tolist() == [[False, True]]
+    assert torch.equal(amax[0, 0], 16 * torch.maximum(hi, -lo)[0, 0])
+    assert torch.equal(amax[0, 1, :D], v[0, 1].float().abs().amax(0))
+    # smooth_v takes exact statistics (its mean centres V): no sample, no requantize launch.
+    fake_ext.launches.clear()
+    run_ops(fake_ext, q, k, v, lse=True, tree="sm89", acc="fp32+fp32", smooth_v=True)
+    assert fake_ext.stats_calls[-1] == (0, True, True) and fake_ext.requantizes == 1
+    assert not any("requantize" in name for name in fake_ext.launches)
 
 
 def test_sm80_refuses_smooth_v(fake_ext):
@@ -370,7 +448,9 @@ def test_quantized_operands_launches_only_the_quantization(fake_ext, tree):
         fake_ext.mem.add(x)
     buf = ops.quantized_operands(q, k, v, path=tree)
     stats, quant, _ = ops.kernel_names(tree, 64, "fp32+fp32" if tree == "sm89" else "fp32")
-    assert fake_ext.launches == [stats] * (1 if tree == "sm80" else 2) + [quant]
+    # sm89 ("fp32+fp32" here): K mean, V statistics, quantize and requantize.
+    assert fake_ext.launches == ([stats, quant] if tree == "sm80" else
+                                 [stats] * 2 + [quant, "sm89_requantize_v_fp8_hd64"])
     assert buf["q_int8"].shape == (1, 2, 128, 64) and buf["k_int8"].shape == (1, 2, 192, 64)
     assert (buf["v_fp16"] is None) == (tree == "sm89") and (buf["v_fp8"] is None) == (tree == "sm80")
     qt = emulate.quantize(q, k, v, sm_scale=64 ** -0.5)
@@ -502,7 +582,7 @@ def test_no_smoothing_skips_the_stats_kernel(fake_ext):
 def test_k_mean_from_a_sample_of_a_long_sequence(fake_ext, tree):
     # Sk = 1000 > 256 keys: the K statistics launch takes the sample (the emulator's K mean
     # samples the same keys, so a launch over every key would not match it bit for bit), V's
-    # statistics (sm89) see every token.
+    # statistics (sm89, "fp32+fp16" by default here: exact, no margin) see every token.
     q, k, v = (rand(1, 2, 1000, 64, seed=i) for i in range(3))
     k = k + 3 * rand(1, 2, 1, 64, seed=9)   # a channel bias, so the mean matters
     run_ops(fake_ext, q, k, v, lse=True, tree=tree)
@@ -511,10 +591,9 @@ def test_k_mean_from_a_sample_of_a_long_sequence(fake_ext, tree):
     assert len(fake_ext.stats_calls) == (2 if tree == "sm89" else 1)
 
 
-def test_channel_stats_sample_only_for_a_mean():
+def test_channel_stats_sample_range():
     x = torch.zeros(1, 1, 300, 64, dtype=torch.float16)
-    for kw in ({"sample_tokens": 256, "minimum": 1, "maximum": 1}, {"sample_tokens": -1},
-               {"sample_tokens": (1 << 16) + 1}):
+    for kw in ({"sample_tokens": -1}, {"sample_tokens": (1 << 16) + 1}):
         with pytest.raises(ValueError, match="sample_tokens"):
             ops._channel_stats(None, 0, 0, x, (1, 1, 300), (0, 0, 64), 64, 64, 0, mean=1, **kw)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    kind: str            # "channel_stats" | "quantize" | "attention"
+    kind: str            # "channel_stats" | "quantize" | "requantize" | "attention"
     params: str          # struct in kernels/common/params.h
     call: str            # C++ expression run by the wrapper, with `p` the params
     threads: int
@@ -68,6 +68,10 @@ def _sm89_kernels():
         rows.append(Kernel(
             f"sm89_quantize_qk_int8_v_fp8_hd{hd}", "quantize", "QuantParams",
             f"sageattn::quantize_qk_int8_v_fp8<{hd}>(p)", threads=256, head_dim=hd))
+        # After a quantize launch whose V scales took a margin: heads with saturated codes again.
+        rows.append(Kernel(
+            f"sm89_requantize_v_fp8_hd{hd}", "requantize", "QuantParams",
+            f"sageattn::requantize_v_fp8<{hd}>(p)", threads=256, head_dim=hd))
     # "fp32": FP8 MMA straight into O; "fp32+fp32": per-block fp32 accumulator added to O
     # (two-level); "fp32+fp16": per-block fp16 accumulator (SageAttention2++).
     for acc_tag, acc, cxx in (("acc32", "fp32", "kDirect"), ("acc32x32", "fp32+fp32", "kBlockFp32"),
@@ -93,6 +97,10 @@ def _sm90_kernels():
         rows.append(Kernel(
             f"sm90_quantize_qk_int8_v_fp8_hd{hd}", "quantize", "QuantParams",
             f"sageattn::quantize_qk_int8_v_fp8<{hd}>(p)", threads=256, head_dim=hd))
+        # After a quantize launch whose V scales took a margin: heads with saturated codes again.
+        rows.append(Kernel(
+            f"sm90_requantize_v_fp8_hd{hd}", "requantize", "QuantParams",
+            f"sageattn::requantize_v_fp8<{hd}>(p)", threads=256, head_dim=hd))
     # "fp32+fp32": each 128-key step's PV from zero in the wgmma accumulator, added to O
     # (two-level); "fp32": the wgmma accumulates into O directly. Consumer warpgroups (64 query
     # rows each): three for dense hd64 kernels and for the "_q192" hd128 kernel non-causal calls

@@ -6,7 +6,7 @@
 
 namespace sageattn {
 
-constexpr unsigned kAbiVersion = 7;
+constexpr unsigned kAbiVersion = 8;
 constexpr int kDtypeFp16 = 0;
 constexpr int kDtypeBf16 = 1;
 constexpr int kGranPerThread = 0;
@@ -92,11 +92,12 @@ struct QuantParams {
   unsigned long long v_min;
   unsigned long long v_max;
   float v_scale_max;
-  int _pad0;
+  float v_amax_margin;
   unsigned long long cu_seqlens_q;
   unsigned long long cu_seqlens_k;
+  unsigned long long v_overflow;
 };
-static_assert(sizeof(QuantParams) == 280, "ABI");
+static_assert(sizeof(QuantParams) == 288, "ABI");
 #if !defined(__CUDACC_RTC__)
 static_assert(__builtin_offsetof(QuantParams, q) == 0, "ABI");
 static_assert(__builtin_offsetof(QuantParams, q_stride_b) == 8, "ABI");
@@ -139,9 +140,10 @@ static_assert(__builtin_offsetof(QuantParams, v_mean) == 232, "ABI");
 static_assert(__builtin_offsetof(QuantParams, v_min) == 240, "ABI");
 static_assert(__builtin_offsetof(QuantParams, v_max) == 248, "ABI");
 static_assert(__builtin_offsetof(QuantParams, v_scale_max) == 256, "ABI");
-static_assert(__builtin_offsetof(QuantParams, _pad0) == 260, "ABI");
+static_assert(__builtin_offsetof(QuantParams, v_amax_margin) == 260, "ABI");
 static_assert(__builtin_offsetof(QuantParams, cu_seqlens_q) == 264, "ABI");
 static_assert(__builtin_offsetof(QuantParams, cu_seqlens_k) == 272, "ABI");
+static_assert(__builtin_offsetof(QuantParams, v_overflow) == 280, "ABI");
 #endif
 
 struct AttnParams {

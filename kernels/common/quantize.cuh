@@ -116,9 +116,11 @@ __device__ __forceinline__ int sampled_token(int i, int len, int n) {
 /// 16-byte load per add (the adds, and so the bits of the mean, are unchanged).
 ///
 /// `sample_tokens` n > 0 and a sequence longer than n: the rows are the n sampled tokens
-/// (sampled_token, in sample order) and the mean divides by n. For the K mean only: any
-/// per-channel vector subtracted from every key leaves the softmax as it was, so a sample costs
-/// nothing but a little smoothing (NOTES.md "K mean from a sample"); V's min/max are exact.
+/// (sampled_token, in sample order) and the mean divides by n. The K mean: any per-channel
+/// vector subtracted from every key leaves the softmax as it was, so a sample costs nothing but
+/// a little smoothing (NOTES.md "K mean from a sample"). V's min/max (and mean): the quantize
+/// launch sets each channel's scale from a margin times the sample's amax and flags the blocks
+/// whose codes saturate, whose heads the requantize launch redoes exactly (v_channel_bound).
 constexpr int kStatsBatch = 8;
 
 __device__ __forceinline__ void channel_stats(const ChannelStatsParams& p) {
@@ -455,10 +457,27 @@ __device__ __forceinline__ float channel_amax(float lo, float hi, float mean) {
   return fmaxf(fmaxf(hi - mean, mean - lo), 0.f);  // 0 for an empty sequence (lo = +inf, hi = -inf)
 }
 
+/// @brief The amax a V channel's E4M3 scale is set from in the quantize launch: from exact
+/// statistics as they are (v_amax_margin 0); from a sample's, v_amax_margin times that (the
+/// sample's own where the product overflows fp32). E4M3 spaces its values alike over its whole
+/// normal range, so a wide scale costs only the channel's tiniest values; a block whose codes
+/// saturate is flagged and its head redone exactly (requantize_v_heads; emulate.v_channel_amax).
+__device__ __forceinline__ float v_channel_bound(const QuantParams& p, float lo, float hi, float mean) {
+  const float amax = channel_amax(lo, hi, mean);
+  if (p.v_amax_margin <= 0.f) return amax;
+  const float bound = amax * p.v_amax_margin;
+  return bound <= 3.40282347e38f ? bound : amax;
+}
+
 /// @brief V job (FP8): 64 keys of one (b, hkv, k_block) -> E4M3 V^T tile [D_pad][64 slots],
 /// per-channel scale amax/v_scale_max, mean removed when smoothing. Block 0 writes the scales.
 /// kFull: all 64 keys lie inside the sequence (no per-key checks and selects: a fifth of the
-/// job's instructions; only a sequence's last block needs them).
+/// job's instructions; only a sequence's last block needs them). The amax: `exact_amax[d]`
+/// when given (requantize_v_heads' exact statistics), else v_channel_bound. With a margin and
+/// no `exact_amax`, the job also writes the block's v_overflow flag: 1 when some code came out
+/// +-448 or NaN (E4M3's saturated magnitudes: a value at >= 432/448 of its bound, or beyond).
+/// Tested on the packed codes (three integer operations a word) rather than on the values:
+/// a per-value test raised the kernel's registers past three CTAs per SM.
 ///
 /// No shared-memory transpose: a 16-byte run of a tile row (slots 16q..16q+15 of channel d)
 /// holds exactly keys 16q..16q+15 (fp8_pv_key_slot permutes within such a run), so a thread
@@ -467,7 +486,7 @@ __device__ __forceinline__ float channel_amax(float lo, float hi, float mean) {
 /// 64-byte tile row, and each load of a key reads one full 32-byte sector per run.
 template <int kHeadDim, bool kBf16, bool kFull>
 __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, const JobLanes<kHeadDim, 8>& j,
-                                                     const SeqSpan& span) {
+                                                     const SeqSpan& span, const float* exact_amax = nullptr) {
   constexpr int kChannels = kHeadDim / 64;  // channels per thread: 8 warps x 8 groups x kChannels
   constexpr int kRunKeys = 16;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -504,11 +523,15 @@ __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, const
   const float* vmean = p.v_mean != 0 ? reinterpret_cast<const float*>(p.v_mean) + stats : nullptr;
   unsigned char* tile = reinterpret_cast<unsigned char*>(p.v_fp8) +
                         (static_cast<i64>(bh) * p.k_blocks + kb) * kHeadDim * kKBlockRows;
+  const auto amax_of = [&](int d, float mean) {
+    return exact_amax != nullptr ? exact_amax[d] : v_channel_bound(p, vmin[d], vmax[d], mean);
+  };
+  u32 saturated = 0u;  // bit 7 of a byte: that code's magnitude is 0x7e (448) or 0x7f (NaN)
 #pragma unroll
   for (int c = 0; c < kChannels; ++c) {
     const int d = d_first + c;
     const float mean = vmean != nullptr ? vmean[d] : 0.f;
-    const float amax = channel_amax(vmin[d], vmax[d], mean);
+    const float amax = amax_of(d, mean);
     const float inv = amax > 0.f ? p.v_scale_max / amax : 0.f;
     float y[kRunKeys];
 #pragma unroll
@@ -521,11 +544,86 @@ __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, const
 #pragma unroll
     for (int cq = 0; cq < 4; ++cq) word[cq] = pack_e4m3x4(y[2 * cq], y[2 * cq + 1], y[8 + 2 * cq], y[9 + 2 * cq]);
     *reinterpret_cast<uint4*>(tile + d * kKBlockRows + run * kRunKeys) = make_uint4(word[0], word[1], word[2], word[3]);
+#pragma unroll
+    for (int cq = 0; cq < 4; ++cq) saturated |= ((word[cq] & 0x7f7f7f7fu) + 0x02020202u) & 0x80808080u;
   }
   if (kb == 0 && static_cast<int>(threadIdx.x) < kHeadDim) {
     const int d = threadIdx.x;
-    const float amax = channel_amax(vmin[d], vmax[d], vmean != nullptr ? vmean[d] : 0.f);
-    reinterpret_cast<float*>(p.v_scale)[stats + d] = amax / p.v_scale_max;
+    reinterpret_cast<float*>(p.v_scale)[stats + d] = amax_of(d, vmean != nullptr ? vmean[d] : 0.f) / p.v_scale_max;
+  }
+  if (p.v_amax_margin > 0.f && exact_amax == nullptr) {
+    const int flag = __syncthreads_or(saturated != 0u);
+    if (threadIdx.x == 0)
+      reinterpret_cast<unsigned char*>(p.v_overflow)[static_cast<i64>(bh) * p.k_blocks + kb] = static_cast<unsigned char>(flag);
+  }
+}
+
+/// @brief Exact amax of |V - mean| of every channel of head (b, hkv) over all its tokens, into
+/// `amax[0 .. kHeadDim)` (shared): per-channel min and max in channel_stats' lanes (8-channel
+/// chunks x row lanes), then channel_amax, as exact statistics would give it. The requantize launch's
+/// slow path: one CTA reads the whole head.
+template <int kHeadDim>
+__device__ __forceinline__ void exact_v_amax(const QuantParams& p, const SeqSpan& span, int b, int h, float* amax) {
+  constexpr int kChunks = kHeadDim / 8, kRowLanes = kQuantThreads / kChunks;
+  __shared__ float partial[2][kRowLanes][kHeadDim + 1];
+  const int chunk = threadIdx.x % kChunks, row_lane = threadIdx.x / kChunks, d0 = chunk * 8;
+  const bool is_bf16 = p.in_dtype == kDtypeBf16, vec = p.vec_v != 0;
+  const u16* base = rows_of(p.v, p.v_stride_b, p.v_stride_h, p.v_stride_s, p.cu_seqlens_k, b, h, span);
+  ChannelRun8 run;  // its sums are unused (dead code)
+  for (int s0 = row_lane; s0 < span.len; s0 += kRowLanes * kStatsBatch) {
+    uint4 raw[kStatsBatch];
+#pragma unroll
+    for (int r = 0; r < kStatsBatch; ++r) {
+      const int s = s0 + kRowLanes * r;
+      raw[r] = s < span.len ? load_row_bits8(base + s * p.v_stride_s, d0, p.head_dim, vec) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int r = 0; r < kStatsBatch; ++r) {
+      if (s0 + kRowLanes * r >= span.len) break;
+      run.add(raw[r], is_bf16);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) partial[0][row_lane][d0 + i] = run.lo[i], partial[1][row_lane][d0 + i] = run.hi[i];
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < kHeadDim) {
+    const int d = threadIdx.x;
+    float lo = partial[0][0][d], hi = partial[1][0][d];
+    for (int r = 1; r < kRowLanes; ++r) lo = fminf(lo, partial[0][r][d]), hi = fmaxf(hi, partial[1][r][d]);
+    const i64 at = (static_cast<i64>(b) * p.heads_kv + h) * p.head_dim_padded + d;
+    amax[d] = channel_amax(lo, hi, p.v_mean != 0 ? reinterpret_cast<const float*>(p.v_mean)[at] : 0.f);
+  }
+  __syncthreads();
+}
+
+/// @brief The requantize launch, after a quantize launch with v_amax_margin > 0: CTA i checks
+/// heads i, i + gridDim.x, ... (one wave of CTAs, however many heads). A head with a flagged V
+/// block (saturated codes) is quantized again, every block, from its exact amax (block 0
+/// rewrites the scales) by that one CTA: slow (a whole head's V read twice by one CTA) but
+/// rare. A call without such a value pays one read of each head's flags. Its own kernel: inside
+/// the quantize kernel this path raised that kernel's registers from 80 to 115 (two CTAs per
+/// SM instead of three); 8 CTAs per head cost 4 waves of this kernel (94 registers) at 1k.
+template <int kHeadDim, bool kBf16>
+__device__ __forceinline__ void requantize_v_heads(const QuantParams& p) {
+  wait_for_previous_grid();  // the quantize launch's flags and tiles
+  __shared__ float amax[kHeadDim];
+  for (int bh = blockIdx.x; bh < p.batch * p.heads_kv; bh += gridDim.x) {
+    const unsigned char* flags = reinterpret_cast<const unsigned char*>(p.v_overflow) + static_cast<i64>(bh) * p.k_blocks;
+    int any = 0;
+    for (int i = threadIdx.x; i < p.k_blocks; i += kQuantThreads) any |= flags[i];
+    if (!__syncthreads_or(any)) continue;
+    const int b = bh / p.heads_kv, h = bh % p.heads_kv;
+    const SeqSpan span = seq_span(p.cu_seqlens_k, b, p.seq_k);
+    exact_v_amax<kHeadDim>(p, span, b, h, amax);
+    for (int kb = 0; kb < p.k_blocks; ++kb) {
+      const JobLanes<kHeadDim, 8> j(bh * p.k_blocks + kb, p.k_blocks, p.heads_kv);
+      if ((kb + 1) * kKBlockRows <= span.len) {
+        quantize_v_block_fp8<kHeadDim, kBf16, true>(p, j, span, amax);
+      } else {
+        quantize_v_block_fp8<kHeadDim, kBf16, false>(p, j, span, amax);
+      }
+    }
+    __syncthreads();  // amax is rewritten for the next flagged head
   }
 }
 
@@ -576,6 +674,17 @@ __device__ __forceinline__ void quantize_qk_int8_v_fp16(const QuantParams& p) {
 template <int kHeadDim>
 __device__ __forceinline__ void quantize_qk_int8_v_fp8(const QuantParams& p) {
   quantize_qkv<kHeadDim, VOut::kFp8Transposed>(p);
+}
+
+/// @brief The requantize launch (requantize_v_heads), after a quantize launch with a margin.
+template <int kHeadDim>
+__device__ __forceinline__ void requantize_v_fp8(const QuantParams& p) {
+  allow_next_grid_to_start();  // the attention kernel's prologue needs none of this launch
+  if (p.in_dtype == kDtypeBf16) {
+    requantize_v_heads<kHeadDim, true>(p);
+  } else {
+    requantize_v_heads<kHeadDim, false>(p);
+  }
 }
 
 }  // namespace sageattn

@@ -18,7 +18,7 @@ import ctypes
 import sys
 
 # Bump whenever a struct below changes.
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 # Codes shared by Python and the kernels.
 DTYPE_FP16 = 0
@@ -32,7 +32,8 @@ _i32, _i64, _f32, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.
 class ChannelStatsParams(ctypes.Structure):
     """Per-channel statistics over tokens of a (B, H, S, D) tensor, fp32 (B, H, D_pad) each:
     mean (K smoothing, V smoothing) and min/max (V's per-channel FP8 scale). Null outputs are
-    skipped. ABI 7: ``sample_tokens`` (was padding) lets the K mean come from a sample."""
+    skipped. ABI 7: ``sample_tokens`` (was padding) lets the K mean come from a sample; V's
+    min/max and mean come from one too when its scales take a margin (QuantParams.v_amax_margin)."""
 
     _fields_ = [
         ("src", _ptr),             # const fp16/bf16*, (B, H, S, D) with strides below
@@ -79,10 +80,16 @@ class QuantParams(ctypes.Structure):
         ("v_mean", _ptr),          # const float (B, Hkv, D_pad) or 0: subtracted (smooth_v)
         ("v_min", _ptr), ("v_max", _ptr),  # const float (B, Hkv, D_pad): channel min/max of V
         ("v_scale_max", _f32),     # |V| maps to this E4M3 value (448, or 2.25 for fp16 PV accumulation)
-        ("_pad0", _i32),
+        # > 0: v_min / v_max (and v_mean) are of a sample of tokens; a channel's scale is set
+        # from margin x its sampled amax, and a head where some value reaches that is redone
+        # from exact statistics by the requantize launch. 0: they are exact (ABI 8).
+        ("v_amax_margin", _f32),
         # Varlen: const int32 (B+1) token offsets of each sequence in the packed q / k,v (or 0:
         # dense). The *_stride_b fields are then unused; seq_q / seq_k are the maxima.
         ("cu_seqlens_q", _ptr), ("cu_seqlens_k", _ptr),
+        # uint8 (B, Hkv, k_blocks) or 0: with a margin, 1 where a V block's E4M3 codes saturated
+        # (a value at or beyond ~the bound); the requantize launch then redoes that head exactly.
+        ("v_overflow", _ptr),
     ]
 
 

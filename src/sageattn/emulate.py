@@ -62,7 +62,7 @@ __all__ = [
     # the sm89 path
     "QuantizedFp8", "E4M3_MAX", "LOG2_P_SCALE_FP8", "PV_ACCUM_FP8", "e4m3_rn_satfinite",
     "e4m3_bits", "e4m3_values", "fp8_pv_key_slot", "v_scale_max", "channel_stats",
-    "quantize_v_fp8", "v_fp8_key_major", "quantize_fp8", "attention_fp8", "sm89_attention",
+    "V_AMAX_SAMPLE_TOKENS", "V_AMAX_MARGIN", "v_amax_margin", "v_channel_amax", "quantize_v_fp8", "v_fp8_key_major", "quantize_fp8", "attention_fp8", "sm89_attention",
     # the sm90 path
     "SM90_KEY_STEP", "PV_ACCUM_SM90", "sm90_attention",
 ]
@@ -470,9 +470,71 @@ def channel_stats(x: torch.Tensor, head_dim_padded: int, *, mean=True, minmax=Fa
     return (k_channel_mean(x, head_dim_padded, sample=0) if mean else None), lo, hi
 
 
+# V's per-channel E4M3 scale in the modes where V spans E4M3's whole range (scale_max 448): the
+# channel's amax of |V - mean| over V_AMAX_SAMPLE_TOKENS sampled tokens (sampled_tokens; the
+# mean of the same sample with smooth_v), times V_AMAX_MARGIN. E4M3 spaces its values alike over
+# its whole normal range [2^-6, 448], so a scale up to 16x wider than needed moves only values
+# below ~1e-4 of the channel's amax into subnormals (the outlier input's rel-L1 moves within
+# the +-1% that any change of the scales' mantissas gives), and the statistics no longer read all
+# of V. A head where some code still saturates (+-448: a value at >= 432/448 of its bound) is
+# quantized again from exact statistics (the kernels' requantize launch): nothing is clipped.
+# Exact statistics stay where a margin would cost accuracy: "fp32+fp16" (its V spans only
+# [0, 2.25], 7 octaves above E4M3's subnormals) and smooth_v (V is centred on its mean: a
+# sample's mean leaves a bias that, in "fp32" mode, the FP8 wgmma's reduced-precision sums over
+# all keys turned into 6.7e-3 rel-L1 against the emulator instead of 1.0e-3, H100, NOTES.md).
+V_AMAX_SAMPLE_TOKENS = 256
+V_AMAX_MARGIN = 16.0
+_FLT_MAX = 3.4028234663852886e38
+
+
+def v_amax_margin(pv_accum: str, smooth_v: bool) -> float:
+    """The margin V's scales take (QuantParams.v_amax_margin): 0 = exact statistics."""
+    return V_AMAX_MARGIN if v_scale_max(pv_accum) == E4M3_MAX and not smooth_v else 0.0
+
+
+def _channel_amax(lo, hi, mu):
+    return torch.maximum(hi - mu, mu - lo).clamp(min=0)   # channel_amax in quantize.cuh
+
+
+def _v_scaled(v: torch.Tensor, mu: torch.Tensor, amax: torch.Tensor, scale_max: float,
+              head_dim_padded: int) -> torch.Tensor:
+    """(V - mu) * (scale_max / amax) in fp32, (B, H, whole 64-key blocks, D_pad), padding +0."""
+    B, H, S, D = v.shape
+    smax = _f32(scale_max, v.device)
+    inv = torch.where(amax > 0, smax / amax, _f32(0.0, v.device))
+    x = torch.zeros((B, H, -(-S // K_BLOCK) * K_BLOCK, head_dim_padded), dtype=torch.float32,
+                    device=v.device)
+    x[:, :, :S, :D] = (v.float() - mu[:, :, None, :D]) * inv[:, :, None, :D]
+    return x
+
+
+def v_channel_amax(v: torch.Tensor, mean: Optional[torch.Tensor], vmin: torch.Tensor,
+                   vmax: torch.Tensor, scale_max: float, head_dim_padded: int,
+                   margin: float = 0.0):
+    """The amax each channel's E4M3 scale is set from, (B, H, D_pad) fp32, and the heads that
+    took exact statistics, (B, H) bool. ``margin`` 0: (vmin, vmax) are exact and give it. Else
+    they are of the V_AMAX_SAMPLE_TOKENS sample and the amax is ``margin`` times theirs (theirs
+    alone where that overflows fp32), except in a head where a code quantized with that bound
+    saturates (magnitude 0x7e, i.e. 448, or 0x7f, NaN): there every channel takes the exact
+    amax (kernels/common/quantize.cuh: the V jobs flag such blocks, requantize_v_heads redoes
+    their heads)."""
+    mu = mean if mean is not None else torch.zeros_like(vmin)
+    amax = _channel_amax(vmin, vmax, mu)
+    if margin <= 0:
+        return amax, torch.zeros(amax.shape[:2], dtype=torch.bool, device=amax.device)
+    bound = amax * _f32(margin, amax.device)
+    bound = torch.where(bound <= _FLT_MAX, bound, amax)
+    codes = e4m3_bits(_v_scaled(v, mu, bound, scale_max, head_dim_padded))
+    saturated = ((codes & 0x7F) >= 0x7E).flatten(2).any(dim=-1)
+    _, lo, hi = channel_stats(v, head_dim_padded, mean=False, minmax=True)
+    return torch.where(saturated[..., None], _channel_amax(lo, hi, mu), bound), saturated
+
+
 def quantize_v_fp8(v: torch.Tensor, mean: Optional[torch.Tensor], vmin: torch.Tensor,
-                   vmax: torch.Tensor, scale_max: float, head_dim_padded: int):
-    """Step 5 of the sm89 path: V (minus ``mean`` when smoothing) to E4M3 per channel.
+                   vmax: torch.Tensor, scale_max: float, head_dim_padded: int,
+                   margin: float = 0.0):
+    """Step 5 of the sm89 path: V (minus ``mean`` when smoothing) to E4M3 per channel, the
+    scale set by ``v_channel_amax`` (``margin`` > 0: vmin / vmax are of the sample).
 
     Returns ``(v_fp8, v_scale)``: E4M3 codes in the kernels' transposed, key-permuted tile
     layout (B, H, k_blocks, D_pad, 64), key ``p`` of a block at slot ``fp8_pv_key_slot(p)``,
@@ -480,17 +542,13 @@ def quantize_v_fp8(v: torch.Tensor, mean: Optional[torch.Tensor], vmin: torch.Te
     """
     B, H, S, D = v.shape
     blocks = -(-S // K_BLOCK)
-    dev = v.device
     mu = mean if mean is not None else torch.zeros_like(vmin)
-    amax = torch.maximum(vmax - mu, mu - vmin).clamp(min=0)   # channel_amax in quantize.cuh
-    smax = _f32(scale_max, dev)
-    inv = torch.where(amax > 0, smax / amax, _f32(0.0, dev))
-    x = torch.zeros((B, H, blocks * K_BLOCK, head_dim_padded), dtype=torch.float32, device=dev)
-    x[:, :, :S, :D] = (v.float() - mu[:, :, None, :D]) * inv[:, :, None, :D]
+    amax, _ = v_channel_amax(v, mean, vmin, vmax, scale_max, head_dim_padded, margin)
+    x = _v_scaled(v, mu, amax, scale_max, head_dim_padded)
     keys_major = e4m3_bits(x).view(B, H, blocks, K_BLOCK, head_dim_padded).transpose(-1, -2)
     tile = torch.empty_like(keys_major)
     tile[..., _KEY_SLOTS] = keys_major
-    return tile.contiguous(), amax / smax
+    return tile.contiguous(), amax / _f32(scale_max, v.device)
 
 
 def v_fp8_key_major(v_fp8: torch.Tensor, kb: int) -> torch.Tensor:
@@ -518,8 +576,10 @@ def quantize_fp8(q, k, v, *, sm_scale: float, granularity="per_thread", smooth_k
     k_mean = k_channel_mean(k, d_pad) if smooth_k else None
     q_i8, q_scale = quantize_q(q, s2, granularity, d_pad)
     k_i8, k_scale = quantize_k(k, k_mean, granularity, d_pad)
-    v_mean, v_min, v_max = channel_stats(v, d_pad, mean=smooth_v, minmax=True)
-    v8, v_scale = quantize_v_fp8(v, v_mean, v_min, v_max, v_scale_max(pv_accum), d_pad)
+    margin = v_amax_margin(pv_accum, smooth_v)
+    v_mean, v_min, v_max = channel_stats(v, d_pad, mean=smooth_v, minmax=True,
+                                         sample=V_AMAX_SAMPLE_TOKENS if margin else 0)
+    v8, v_scale = quantize_v_fp8(v, v_mean, v_min, v_max, v_scale_max(pv_accum), d_pad, margin)
     corr = lse_correction(q, k_mean, sm_scale) if (smooth_k and want_lse_correction) else None
     return QuantizedFp8(q_i8, q_scale, k_i8, k_scale, v8, v_scale, v_mean, k_mean, corr)
 

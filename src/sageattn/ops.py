@@ -17,8 +17,11 @@ caching allocator:
 * sm80: optional ``sm80_channel_stats`` (K mean), one fused quantize launch (Q, K to INT8,
   V to fp16), one attention launch.
 * sm89: optional ``sm89_channel_stats`` on K (mean), ``sm89_channel_stats`` on V (min/max,
-  and mean with ``smooth_v``), one fused quantize launch (Q, K to INT8, V to a transposed
-  E4M3 tile), one attention launch.
+  and mean with ``smooth_v``; of a 256-token sample unless "fp32+fp16" or smooth_v), one fused
+  quantize
+  launch (Q, K to INT8, V to a transposed E4M3 tile), with a sample the requantize launch
+  (heads where a V value reached its sampled bound are quantized again exactly), one attention
+  launch.
 * sm90: the sm89 sequence (its quantizer, compiled for sm_90a), then the attention kernel with
   three tensor maps over the quantized operands (cached by address and geometry); for dense
   calls the Q map covers the caller's Q, which the kernel quantizes itself, and the quantize
@@ -37,7 +40,8 @@ from typing import Optional
 import torch
 
 from . import _abi, _loader, dispatch
-from .emulate import K_MEAN_SAMPLE_TOKENS  # the algorithm's constant (the emulator states it)
+# The algorithm's constants (the emulator states them).
+from .emulate import K_MEAN_SAMPLE_TOKENS, V_AMAX_SAMPLE_TOKENS, v_amax_margin
 
 __all__ = ["attention", "sm80_forward", "sm89_forward", "sm90_forward", "kernel_names",
            "sm80_kernel_names", "sm89_kernel_names", "sm90_kernel_names",
@@ -80,6 +84,16 @@ _ACC_TAG_SM90 = {"fp32+fp32": "acc32x32", "fp32": "acc32"}
 # |V - mean| maps to this E4M3 value: 448 = E4M3 max, or 2.25 when the block product
 # accumulates in fp16 (64 keys * 448 * 2.25 = 64512 < 65504; DESIGN.md section 3).
 _V_SCALE_MAX = {"fp32": 448.0, "fp32+fp32": 448.0, "fp32+fp16": 2.25}
+# CTAs of the V requantize launch at most (each takes every so-many-th head): one wave on an
+# H100 (two CTAs per SM by registers), so a call without a flagged head pays one read of
+# each head's flags (8 CTAs per head took 4 waves at B=4 H=32 1k, NOTES.md).
+_V_REQUANTIZE_CTAS = 256
+
+
+def requantize_kernel_name(tree: str, head_dim_padded: int) -> str:
+    """The sm89 / sm90 kernel that requantizes V's flagged heads after a quantize launch whose
+    V scales took a margin (kernels/common/quantize.cuh, requantize_v_heads)."""
+    return f"{tree}_requantize_v_fp8_hd{head_dim_padded}"
 _Q_BLOCK, _K_BLOCK = 128, 64
 _LOG2E = math.log2(math.e)
 
@@ -156,7 +170,7 @@ class _Scratch:
     the test and benchmark aids."""
 
     NAMES = ("q_int8", "q_scale", "k_int8", "k_scale", "k_mean", "lse_correction", "v_fp16",
-             "v_fp8", "v_scale", "v_mean", "v_min", "v_max")
+             "v_fp8", "v_scale", "v_mean", "v_min", "v_max", "v_overflow")
     _ALIGN = 256  # every buffer starts on its own 256-byte boundary (TMA needs 16)
 
     def __init__(self, device: torch.device, specs: dict):
@@ -208,11 +222,12 @@ def _channel_stats(kernel, ordinal, stream, x, geometry, strides, head_dim, d_pa
                    sample_tokens=0) -> None:
     """One channel-stats launch; ``geometry`` = (B, H, S) (S: the longest sequence when
     ``cu_seqlens`` packs varlen sequences). Outputs are addresses; 0 ones are not computed.
-    ``sample_tokens`` > 0: over that many tokens of each longer sequence (the K mean only:
-    emulate.K_MEAN_SAMPLE_TOKENS); V's min/max must see every token."""
+    ``sample_tokens`` > 0: over that many tokens of each longer sequence (the K mean:
+    emulate.K_MEAN_SAMPLE_TOKENS; V's statistics when its scales take a margin:
+    emulate.V_AMAX_SAMPLE_TOKENS, with the requantize launch after the quantize launch)."""
     B, H, S = geometry
-    if not 0 <= sample_tokens <= 1 << 16 or (sample_tokens and (minimum or maximum)):
-        raise ValueError(f"sample_tokens {sample_tokens}: 0..65536, and only for a mean")
+    if not 0 <= sample_tokens <= 1 << 16:
+        raise ValueError(f"sample_tokens {sample_tokens}: 0..65536")
     p = _abi.ChannelStatsParams(
         src=x.data_ptr(), src_stride_b=strides[0], src_stride_h=strides[1],
         src_stride_s=strides[2], mean=mean, minimum=minimum, maximum=maximum,
@@ -226,7 +241,8 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
                   qk_quant_gran, smooth_k, tree, names, fp8_pv, block_mask=None, varlen=None,
                   kernel_only=False, tensor_maps=False, quantize_only=False):
     """The launch sequence of the INT8-QK trees (sm80: fp16 V; sm89 and sm90: ``fp8_pv`` =
-    (v_scale_max, smooth_v), E4M3 V^T tiles with per-channel scales). ``tensor_maps``: the
+    (v_scale_max, smooth_v, v_amax_margin), E4M3 V^T tiles with per-channel scales; a margin
+    > 0 takes V's statistics from a sample and adds the requantize launch). ``tensor_maps``: the
     attention kernel takes ``Sm90AttnParams`` (tensor maps over the quantized operands).
 
     ``block_mask``: int8 (B, Hq, q_blocks, k_blocks) view (stride 0 broadcasts) or None.
@@ -272,6 +288,7 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             lse_strides = (0, q.shape[0])
         fp8_v = fp8_pv is not None
         v_stat = ((B, Hkv, d_pad), f32) if fp8_v else None
+        margin = fp8_pv[2] if fp8_v else 0.0
         vec_q = _vectorized(qh, qs, D)
         # Q quantized inside the sm90 kernel: no Q jobs in the quantize launch, no Q buffers.
         policy = SM90_QUANTIZE_Q_IN_KERNEL
@@ -293,7 +310,8 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             # V^T per 64-key block, keys in fp8_pv_key_slot order (docs/ARCHITECTURE.md).
             "v_fp8": ((B, Hkv, k_blocks, d_pad, _K_BLOCK), torch.uint8) if fp8_v else None,
             "v_scale": v_stat, "v_min": v_stat, "v_max": v_stat,
-            "v_mean": v_stat if fp8_v and fp8_pv[1] else None})
+            "v_mean": v_stat if fp8_v and fp8_pv[1] else None,
+            "v_overflow": ((B, Hkv, k_blocks), torch.uint8) if margin else None})
         k_mean, v_mean, v_min, v_max = (scratch[n] for n in ("k_mean", "v_mean", "v_min", "v_max"))
 
         # sm90 (the kernels that wait for their predecessor): every launch but the first may
@@ -306,7 +324,8 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
         if fp8_v:
             _channel_stats(stats_kernel, ordinal, stream, vh, (B, Hkv, Sk), vs, D, d_pad,
                            dtype_code, cu_seqlens=cu_k, mean=v_mean, minimum=v_min, maximum=v_max,
-                           programmatic=overlap and smooth_k)
+                           programmatic=overlap and smooth_k,
+                           sample_tokens=V_AMAX_SAMPLE_TOKENS if margin else 0)
 
         p = _abi.QuantParams(
             q=qh.data_ptr(), q_stride_b=qs[0], q_stride_h=qs[1], q_stride_s=qs[2],
@@ -321,11 +340,17 @@ def _int8_forward(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse,
             vec_k=_vectorized(kh, ks, D), vec_v=_vectorized(vh, vs, D),
             sm_scale=sm_scale, sm_scale_log2e=sm_scale * _LOG2E,
             v_fp8=scratch["v_fp8"], v_scale=scratch["v_scale"], v_mean=v_mean, v_min=v_min,
-            v_max=v_max, v_scale_max=fp8_pv[0] if fp8_v else 0.0,
-            cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k))
+            v_max=v_max, v_scale_max=fp8_pv[0] if fp8_v else 0.0, v_amax_margin=margin,
+            cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k), v_overflow=scratch["v_overflow"])
         q_jobs = 0 if q_in_kernel else B * Hq * q_blocks
         _launch(quant_kernel, ordinal, (q_jobs + 2 * B * Hkv * k_blocks, 1, 1), p, stream,
                 overlap and (smooth_k or fp8_v))
+        if margin:
+            # One wave of CTAs reads every head's block flags; a flagged head's CTA quantizes
+            # its V again from exact statistics.
+            requantize = _loader.kernel(tree, requantize_kernel_name(tree, d_pad), ordinal)
+            _launch(requantize, ordinal, (min(B * Hkv, _V_REQUANTIZE_CTAS), 1, 1), p, stream,
+                    overlap)
         if quantize_only:
             return {name: scratch.view(name) for name in _Scratch.NAMES}
 
@@ -465,7 +490,8 @@ def sm89_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
     return _int8_forward(
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
-        names=names, fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)),
+        names=names, fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v),
+                v_amax_margin(pv_accum_dtype, bool(smooth_v))),
         block_mask=block_mask, varlen=varlen, kernel_only=kernel_only,
         quantize_only=quantize_only)
 
@@ -502,7 +528,8 @@ def sm90_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
         names=sm90_kernel_names(q.shape[-1], pv_accum_dtype, block_mask is not None, is_causal,
                                 seq_q),
-        fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v)), block_mask=block_mask,
+        fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v),
+                v_amax_margin(pv_accum_dtype, bool(smooth_v))), block_mask=block_mask,
         varlen=varlen, kernel_only=kernel_only, quantize_only=quantize_only, tensor_maps=True)
 
 

@@ -6,7 +6,12 @@ correction (a dot product whose summation order the emulator does not follow).
   r adds rows r, r+32, r+64, ... in turn; the 32 lane partials are then added in lane order;
   one division by the length), so the mean must match to the bit; min/max are order-free.
   The K mean is of emulate.K_MEAN_SAMPLE_TOKENS sampled keys where the sequence is longer
-  (lengths 1000 and 4097 below), the same rows in the same order.
+  (lengths 1000 and 4097 below), the same rows in the same order; so are V's statistics in
+  the calls whose scales take a margin (emulate.v_amax_margin: all but "fp32+fp16" and
+  smooth_v).
+* V's scales then: margin x the sample's amax, or the exact amax in a head where a code
+  saturates with that (the requantize launch), as emulate.v_channel_amax says;
+  test_v_requantize forces both kinds of head in one call.
 * Quantize: given the kernel's own channel statistics, the emulator's quantize_q / quantize_k
   / convert_v / quantize_v_fp8 use the kernel's fp32 operations in the kernel's order
   (emulate.py says so), so INT8 codes, E4M3 codes, fp16 V and every scale must match to the
@@ -129,6 +134,7 @@ def check_identity(tree, q, k, v, *, layout="HND", gran="per_thread", smooth_k=T
     s2 = torch.tensor(sm_scale * _LOG2E, dtype=torch.float32)
     fp8 = tree != "sm80"
     scale_max = emulate.v_scale_max(acc or "fp32+fp32") if fp8 else None
+    margin = emulate.v_amax_margin(acc or "fp32+fp32", smooth_v) if fp8 else 0.0
     for b, (qs, ks, vs) in enumerate(zip(seq_q, seq_k, seq_v)):
         qs, ks, vs = qs.cpu(), ks.cpu(), vs.cpu()
         where = f"{tree} batch {b}"
@@ -147,7 +153,8 @@ def check_identity(tree, q, k, v, *, layout="HND", gran="per_thread", smooth_k=T
             _bits_equal(f"{where} v_fp16", buf["v_fp16"][b:b + 1],
                         _pad_rows(emulate.convert_v(vs, d_pad), 2, kb * 64))
         else:
-            want_mean, want_lo, want_hi = stats_model(vs, d_pad)
+            want_mean, want_lo, want_hi = stats_model(
+                vs, d_pad, emulate.V_AMAX_SAMPLE_TOKENS if margin else 0)
             _bits_equal(f"{where} v_min", buf["v_min"][b:b + 1], want_lo)
             _bits_equal(f"{where} v_max", buf["v_max"][b:b + 1], want_hi)
             if smooth_v:
@@ -155,7 +162,7 @@ def check_identity(tree, q, k, v, *, layout="HND", gran="per_thread", smooth_k=T
                 v_mean = buf["v_mean"][b:b + 1].cpu()
             tile, v_scale = emulate.quantize_v_fp8(
                 vs, v_mean, buf["v_min"][b:b + 1].cpu(), buf["v_max"][b:b + 1].cpu(),
-                scale_max, d_pad)
+                scale_max, d_pad, margin)
             _bits_equal(f"{where} v_fp8", buf["v_fp8"][b:b + 1], _pad_rows(tile, 2, kb))
             _bits_equal(f"{where} v_scale", buf["v_scale"][b:b + 1], v_scale)
         if smooth_k:  # summed in another order than the kernel's: a tolerance, not bits
@@ -263,3 +270,24 @@ def test_varlen(tree, D):
     k = torch.randn(sum(lens_k), 2, D, generator=g, device="cuda").to(torch.bfloat16)
     v = torch.randn(sum(lens_k), 2, D, generator=g, device="cuda").to(torch.bfloat16)
     check_identity(tree, q, k, v, varlen=(cu_q, cu_k, max(lens_q), max(lens_k)))
+
+
+@pytest.mark.parametrize("tree", ("sm89", "sm90"))
+@pytest.mark.parametrize("D", (64, 128))
+def test_v_requantize(tree, D):
+    """One call with both kinds of V head: head 1 of batch 0 has one token off the statistics'
+    sample at 100x the others (beyond its channel's 16x bound: the quantize launch flags its
+    block and the requantize launch redoes the head from exact statistics), the others keep
+    their sampled bounds. Every buffer bit-exact, and only that block flagged."""
+    S = 4097
+    q, k, v = make(B=2, Hq=4, Sq=130, Sk=S, D=D, v_offset=1.0)
+    sample = set(emulate.sampled_tokens(S, emulate.V_AMAX_SAMPLE_TOKENS).tolist())
+    token = next(t for t in range(2000, S) if t not in sample)
+    v[0, 1, token, 5] = 100.0 * v[0, 1].float().abs().max().to(v.dtype)
+    check_identity(tree, q, k, v)
+    buf = ops.quantized_operands(q, k, v, path=tree)
+    flags = buf["v_overflow"].cpu()
+    assert flags[0, 1, token // 64] == 1 and int(flags.sum()) == 1, "only the outlier's block flagged"
+    _, lo, hi = stats_model(v[0:1, 1:2].cpu(), emulate.padded_head_dim(v.shape[-1]))
+    exact = torch.maximum(hi, -lo)[0, 0] / emulate.E4M3_MAX
+    _bits_equal("flagged head's v_scale", buf["v_scale"][0, 1].cpu(), exact)

@@ -456,8 +456,8 @@ def test_programmatic_launches(monkeypatch, launches):
     launches.clear()
     monkeypatch.setattr(ops, "SM90_PROGRAMMATIC_LAUNCH", True)
     overlapped = calls()
-    # channel stats of K (plain), of V, quantize, attention
-    assert [x.programmatic for x in launches] == [False, True, True, True] * len(cases) * 3
+    # channel stats of K (plain), of V, quantize, requantize, attention
+    assert [x.programmatic for x in launches] == [False, True, True, True, True] * len(cases) * 3
     for a, b in zip(plain, overlapped):
         assert torch.equal(a, b)
     q, k, v, _ = cases[1]
