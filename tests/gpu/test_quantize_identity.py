@@ -291,3 +291,24 @@ def test_v_requantize(tree, D):
     _, lo, hi = stats_model(v[0:1, 1:2].cpu(), emulate.padded_head_dim(v.shape[-1]))
     exact = torch.maximum(hi, -lo)[0, 0] / emulate.E4M3_MAX
     _bits_equal("flagged head's v_scale", buf["v_scale"][0, 1].cpu(), exact)
+
+
+@pytest.mark.parametrize("tree", ("sm89", "sm90"))
+def test_v_requantize_varlen(tree):
+    """Packed sequences of 300, 5000 and 70 keys: each sequence samples its own 256 tokens;
+    an off-sample outlier in kv head 1 of the 5000-key sequence flags that head of that
+    sequence only, which the requantize launch redoes from its own tokens' exact statistics."""
+    g = torch.Generator(device="cuda").manual_seed(6)
+    lens_q, lens_k = [40, 130, 7], [300, 5000, 70]
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32,
+                               device="cuda") for n in (lens_q, lens_k))
+    q = torch.randn(sum(lens_q), 4, 128, generator=g, device="cuda").to(torch.bfloat16)
+    k = torch.randn(sum(lens_k), 2, 128, generator=g, device="cuda").to(torch.bfloat16)
+    v = torch.randn(sum(lens_k), 2, 128, generator=g, device="cuda").to(torch.bfloat16)
+    sample = set(emulate.sampled_tokens(5000, emulate.V_AMAX_SAMPLE_TOKENS).tolist())
+    token = next(t for t in range(3000, 5000) if t not in sample)
+    v[300 + token, 1, 9] = 100.0 * v[300:5300, 1].float().abs().max().to(v.dtype)
+    varlen = (cu_q, cu_k, max(lens_q), max(lens_k))
+    check_identity(tree, q, k, v, varlen=varlen)
+    flags = ops.quantized_operands(q, k, v, path=tree, varlen=varlen)["v_overflow"].cpu()
+    assert flags[1, 1, token // 64] == 1 and int(flags.sum()) == 1, "only the outlier's block flagged"
