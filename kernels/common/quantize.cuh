@@ -560,8 +560,8 @@ __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, const
 
 /// @brief Exact amax of |V - mean| of every channel of head (b, hkv) over all its tokens, into
 /// `amax[0 .. kHeadDim)` (shared): per-channel min and max in channel_stats' lanes (8-channel
-/// chunks x row lanes), then channel_amax, as exact statistics would give it. The requantize launch's
-/// slow path: one CTA reads the whole head.
+/// chunks x row lanes), then channel_amax, as exact statistics would give it. The requantize
+/// launch's slow path: one CTA reads the whole head.
 template <int kHeadDim>
 __device__ __forceinline__ void exact_v_amax(const QuantParams& p, const SeqSpan& span, int b, int h, float* amax) {
   constexpr int kChunks = kHeadDim / 8, kRowLanes = kQuantThreads / kChunks;
@@ -601,8 +601,8 @@ __device__ __forceinline__ void exact_v_amax(const QuantParams& p, const SeqSpan
 /// block (saturated codes) is quantized again, every block, from its exact amax (block 0
 /// rewrites the scales) by that one CTA: slow (a whole head's V read twice by one CTA) but
 /// rare. A call without such a value pays one read of each head's flags. Its own kernel: inside
-/// the quantize kernel this path raised that kernel's registers from 80 to 115 (two CTAs per
-/// SM instead of three); 8 CTAs per head cost 4 waves of this kernel (94 registers) at 1k.
+/// the quantize kernel this path raised that kernel's registers from 80 to 115; and one wave:
+/// 8 CTAs per head took 4 waves of it at B=4 H=32 1k (NOTES.md "V's scales from a sample").
 template <int kHeadDim, bool kBf16>
 __device__ __forceinline__ void requantize_v_heads(const QuantParams& p) {
   wait_for_previous_grid();  // the quantize launch's flags and tiles

@@ -62,7 +62,8 @@ __all__ = [
     # the sm89 path
     "QuantizedFp8", "E4M3_MAX", "LOG2_P_SCALE_FP8", "PV_ACCUM_FP8", "e4m3_rn_satfinite",
     "e4m3_bits", "e4m3_values", "fp8_pv_key_slot", "v_scale_max", "channel_stats",
-    "V_AMAX_SAMPLE_TOKENS", "V_AMAX_MARGIN", "v_amax_margin", "v_channel_amax", "quantize_v_fp8", "v_fp8_key_major", "quantize_fp8", "attention_fp8", "sm89_attention",
+    "V_AMAX_SAMPLE_TOKENS", "V_AMAX_MARGIN", "v_amax_margin", "v_channel_amax", "quantize_v_fp8",
+    "v_fp8_key_major", "quantize_fp8", "attention_fp8", "sm89_attention",
     # the sm90 path
     "SM90_KEY_STEP", "PV_ACCUM_SM90", "sm90_attention",
 ]

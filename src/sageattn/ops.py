@@ -18,10 +18,9 @@ caching allocator:
   V to fp16), one attention launch.
 * sm89: optional ``sm89_channel_stats`` on K (mean), ``sm89_channel_stats`` on V (min/max,
   and mean with ``smooth_v``; of a 256-token sample unless "fp32+fp16" or smooth_v), one fused
-  quantize
-  launch (Q, K to INT8, V to a transposed E4M3 tile), with a sample the requantize launch
-  (heads where a V value reached its sampled bound are quantized again exactly), one attention
-  launch.
+  quantize launch (Q, K to INT8, V to a transposed E4M3 tile), with a sample the requantize
+  launch (heads where a V value reached its sampled bound are quantized again exactly), one
+  attention launch.
 * sm90: the sm89 sequence (its quantizer, compiled for sm_90a), then the attention kernel with
   three tensor maps over the quantized operands (cached by address and geometry); for dense
   calls the Q map covers the caller's Q, which the kernel quantizes itself, and the quantize
@@ -94,6 +93,8 @@ def requantize_kernel_name(tree: str, head_dim_padded: int) -> str:
     """The sm89 / sm90 kernel that requantizes V's flagged heads after a quantize launch whose
     V scales took a margin (kernels/common/quantize.cuh, requantize_v_heads)."""
     return f"{tree}_requantize_v_fp8_hd{head_dim_padded}"
+
+
 _Q_BLOCK, _K_BLOCK = 128, 64
 _LOG2E = math.log2(math.e)
 
