@@ -64,10 +64,12 @@ def _sm89_kernels():
         Kernel("sm89_channel_stats", "channel_stats", "ChannelStatsParams",
                "sageattn::channel_stats(p)", threads=256),
     ]
-    for hd in (64, 128):  # min_blocks=4: 64 registers, four CTAs per SM (the sm90 rows say why)
+    # No min_blocks here: the sm90 tree's cap of 64 registers spills 256 bytes in this kernel's
+    # sm_120a image (Q and K jobs) and 16 bytes in its sm_89 one, and was measured on the H100 only.
+    for hd in (64, 128):
         rows.append(Kernel(
             f"sm89_quantize_qk_int8_v_fp8_hd{hd}", "quantize", "QuantParams",
-            f"sageattn::quantize_qk_int8_v_fp8<{hd}>(p)", threads=256, min_blocks=4, head_dim=hd))
+            f"sageattn::quantize_qk_int8_v_fp8<{hd}>(p)", threads=256, head_dim=hd))
         # After a quantize launch whose V scales took a margin: heads with saturated codes again.
         rows.append(Kernel(
             f"sm89_requantize_v_fp8_hd{hd}", "requantize", "QuantParams",
@@ -93,10 +95,10 @@ def _sm90_kernels():
         Kernel("sm90_channel_stats", "channel_stats", "ChannelStatsParams",
                "sageattn::channel_stats(p)", threads=256),
     ]
-    # The sm89 tree's quantizer (INT8 Q/K, E4M3 V^T tiles), capped at 64 registers: four CTAs
-    # per SM instead of three keep more loads in flight (the launch is memory-bound: -4-5% at
-    # 2k-16k on the H100, NOTES.md; only the LSE-correction path of Q jobs then uses 32 bytes of
-    # stack).
+    # The sm89 tree's quantizer (INT8 Q/K, E4M3 V^T tiles), capped at 64 registers here (sm_90a):
+    # four CTAs per SM instead of three keep more loads in flight (the launch is memory-bound:
+    # -4-5% at 2k-16k on the H100, NOTES.md; only the LSE-correction path of Q jobs then uses
+    # 32 bytes of stack).
     for hd in (64, 128):
         rows.append(Kernel(
             f"sm90_quantize_qk_int8_v_fp8_hd{hd}", "quantize", "QuantParams",

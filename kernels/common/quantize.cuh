@@ -526,6 +526,7 @@ __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, const
   const auto amax_of = [&](int d, float mean) {
     return exact_amax != nullptr ? exact_amax[d] : v_channel_bound(p, vmin[d], vmax[d], mean);
   };
+  const bool flag_block = p.v_amax_margin > 0.f && exact_amax == nullptr;  // block-uniform
   u32 saturated = 0u;  // bit 7 of a byte: that code's magnitude is 0x7e (448) or 0x7f (NaN)
 #pragma unroll
   for (int c = 0; c < kChannels; ++c) {
@@ -544,14 +545,15 @@ __device__ __forceinline__ void quantize_v_block_fp8(const QuantParams& p, const
 #pragma unroll
     for (int cq = 0; cq < 4; ++cq) word[cq] = pack_e4m3x4(y[2 * cq], y[2 * cq + 1], y[8 + 2 * cq], y[9 + 2 * cq]);
     *reinterpret_cast<uint4*>(tile + d * kKBlockRows + run * kRunKeys) = make_uint4(word[0], word[1], word[2], word[3]);
+    if (flag_block)
 #pragma unroll
-    for (int cq = 0; cq < 4; ++cq) saturated |= ((word[cq] & 0x7f7f7f7fu) + 0x02020202u) & 0x80808080u;
+      for (int cq = 0; cq < 4; ++cq) saturated |= ((word[cq] & 0x7f7f7f7fu) + 0x02020202u) & 0x80808080u;
   }
   if (kb == 0 && static_cast<int>(threadIdx.x) < kHeadDim) {
     const int d = threadIdx.x;
     reinterpret_cast<float*>(p.v_scale)[stats + d] = amax_of(d, vmean != nullptr ? vmean[d] : 0.f) / p.v_scale_max;
   }
-  if (p.v_amax_margin > 0.f && exact_amax == nullptr) {
+  if (flag_block) {
     const int flag = __syncthreads_or(saturated != 0u);
     if (threadIdx.x == 0)
       reinterpret_cast<unsigned char*>(p.v_overflow)[static_cast<i64>(bh) * p.k_blocks + kb] = static_cast<unsigned char>(flag);

@@ -40,7 +40,7 @@ import torch
 
 from . import _abi, _loader, dispatch
 # The algorithm's constants (the emulator states them).
-from .emulate import K_MEAN_SAMPLE_TOKENS, V_AMAX_SAMPLE_TOKENS, v_amax_margin
+from .emulate import K_MEAN_SAMPLE_TOKENS, V_AMAX_SAMPLE_TOKENS, v_amax_margin, v_scale_max
 
 __all__ = ["attention", "sm80_forward", "sm89_forward", "sm90_forward", "kernel_names",
            "sm80_kernel_names", "sm89_kernel_names", "sm90_kernel_names",
@@ -80,13 +80,17 @@ _GRAN_CODE = {"per_thread": _abi.GRAN_PER_THREAD, "per_warp": _abi.GRAN_PER_WARP
 _ACC_TAG = {"fp32": "acc32", "fp16+fp32": "acc16x32"}
 _ACC_TAG_FP8 = {"fp32": "acc32", "fp32+fp32": "acc32x32", "fp32+fp16": "acc16x32"}
 _ACC_TAG_SM90 = {"fp32+fp32": "acc32x32", "fp32": "acc32"}
-# |V - mean| maps to this E4M3 value: 448 = E4M3 max, or 2.25 when the block product
-# accumulates in fp16 (64 keys * 448 * 2.25 = 64512 < 65504; DESIGN.md section 3).
-_V_SCALE_MAX = {"fp32": 448.0, "fp32+fp32": 448.0, "fp32+fp16": 2.25}
 # CTAs of the V requantize launch at most (each takes every so-many-th head): one wave on an
 # H100 (two CTAs per SM by registers), so a call without a flagged head pays one read of
 # each head's flags (8 CTAs per head took 4 waves at B=4 H=32 1k, NOTES.md).
 _V_REQUANTIZE_CTAS = 256
+
+
+def _fp8_pv(pv_accum_dtype: str, smooth_v: bool) -> tuple:
+    """``_int8_forward``'s fp8_pv for a mode: (the E4M3 value |V - mean| maps to: 448, or 2.25
+    where the block product accumulates in fp16, DESIGN.md section 3; smooth_v; V's margin)."""
+    smooth_v = bool(smooth_v)
+    return v_scale_max(pv_accum_dtype), smooth_v, v_amax_margin(pv_accum_dtype, smooth_v)
 
 
 def requantize_kernel_name(tree: str, head_dim_padded: int) -> str:
@@ -491,10 +495,8 @@ def sm89_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
     return _int8_forward(
         q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
-        names=names, fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v),
-                v_amax_margin(pv_accum_dtype, bool(smooth_v))),
-        block_mask=block_mask, varlen=varlen, kernel_only=kernel_only,
-        quantize_only=quantize_only)
+        names=names, fp8_pv=_fp8_pv(pv_accum_dtype, smooth_v), block_mask=block_mask,
+        varlen=varlen, kernel_only=kernel_only, quantize_only=quantize_only)
 
 
 def sm90_kernel_names(head_dim: int, pv_accum_dtype: str, block_sparse: bool = False,
@@ -529,8 +531,7 @@ def sm90_forward(q, k, v, *, tensor_layout: str, is_causal: bool, sm_scale: floa
         return_lse=return_lse, qk_quant_gran=qk_quant_gran, smooth_k=smooth_k, tree=tree,
         names=sm90_kernel_names(q.shape[-1], pv_accum_dtype, block_mask is not None, is_causal,
                                 seq_q),
-        fp8_pv=(_V_SCALE_MAX[pv_accum_dtype], bool(smooth_v),
-                v_amax_margin(pv_accum_dtype, bool(smooth_v))), block_mask=block_mask,
+        fp8_pv=_fp8_pv(pv_accum_dtype, smooth_v), block_mask=block_mask,
         varlen=varlen, kernel_only=kernel_only, quantize_only=quantize_only, tensor_maps=True)
 
 
