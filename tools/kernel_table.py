@@ -125,7 +125,7 @@ def _sm90_kernels():
                 # align slack + Q int8 64*consumers*hd and 16-bit source 2x that + 4 stages
                 # of (K 128*hd + V^T 128*hd) + the all-ones tile of the row sums (256) + 13
                 # mbarriers + a step entry and 8 K scales per stage
-                smem=1024 + 3 * 64 * consumers * hd + 4 * 256 * hd + 256 + 104 + 16 + 128,
+                smem=1024 + 3 * 64 * consumers * hd + 4 * (256 * hd + 2048) + 256 + 104 + 16 + 16 + 128,
                 smem_expr=f"sageattn::sm90::Traits<{hd}, {consumers}>::kSmemBytes",
                 head_dim=hd, pv_accum=acc))
     return tuple(rows)

@@ -64,6 +64,14 @@ __device__ __forceinline__ void tma_load_4d(u32 dst, const void* map, u32 bar, i
       : "memory");
 }
 
+/// @brief Plain bulk copy global -> shared of `bytes` (a multiple of 16; both addresses 16-byte
+/// aligned); completes `bar`'s transaction count.
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+
 __device__ __forceinline__ void st_shared_u32(u32 addr, u32 value) {
   asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(value) : "memory");
 }
@@ -85,13 +93,13 @@ __device__ __forceinline__ void warpgroup_claim_registers() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs));
 }
 
-/// @brief Barrier over the `threads` threads (a multiple of 32) that use named barrier `id`.
 /// @brief Order this thread's earlier generic-proxy shared-memory stores before later
 /// async-proxy reads (wgmma operands written with st.shared).
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
+/// @brief Barrier over the `threads` threads (a multiple of 32) that use named barrier `id`.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }

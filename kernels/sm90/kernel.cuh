@@ -132,6 +132,17 @@ __device__ __forceinline__ void add_row_sums(RowStats& st, const float (&rescale
   st.sum[1] = fmaf(st.sum[1], rescale[1], ls[0][2]);
 }
 
+/// @brief The O tiles and the row-sum tile of a "fp32+fp32" step's block (issue_pv_block: N =
+/// kHeadDim + 8, the sums in the last tile).
+template <class T>
+__device__ __forceinline__ const float (&o_tiles(const float (&blk)[T::kOTiles + 1][4]))[T::kOTiles][4] {
+  return *reinterpret_cast<const float (*)[T::kOTiles][4]>(&blk[0]);
+}
+template <class T>
+__device__ __forceinline__ const float (&sum_tile(const float (&blk)[T::kOTiles + 1][4]))[1][4] {
+  return *reinterpret_cast<const float (*)[1][4]>(&blk[T::kOTiles]);
+}
+
 /// @brief Zero the sums of lanes 1-3 of each quad: every lane holds its rows' whole sums, and the
 /// epilogue's finish_rows adds the four lanes' partial sums.
 __device__ __forceinline__ void keep_quad_leader_sums(RowStats& st, int lane) {
@@ -190,6 +201,36 @@ __device__ __forceinline__ float quantize_q_rows(const char* src, char* dst, int
   return (amax / 127.f) * scale_log2e;
 }
 
+/// The query tile, head and batch of this CTA. Causal: the last query tiles see the most keys;
+/// launch them first. Dense non-causal calls whose length is not a multiple of the tile, up to
+/// kShortTilesLastMaxTiles tiles per head: the short last tiles of every head go last (CTAs
+/// start in blockIdx order, x fastest), where they fill the final wave, whose CTAs would
+/// otherwise all be full ones (at 2k, 11 tiles of 192 rows per head, the eleventh two-thirds
+/// full). Longer heads keep the plain order: the tail is a smaller share there, and at 8k the
+/// whole call measured 2-4% slower with it (the last wave then reads every head's K and V
+/// again from memory: NOTES.md sm90 v19).
+constexpr int kShortTilesLastMaxTiles = 24;
+struct QueryTile {
+  int index, head, batch;
+};
+template <int kBlockQ, bool kShortTilesLast>
+__device__ __forceinline__ QueryTile query_tile(const AttnParams& p) {
+  const int n_tiles = kBlockQ == kQBlockRows ? p.q_blocks : static_cast<int>(gridDim.x);
+  const int x = blockIdx.x, y = blockIdx.y, z = blockIdx.z;
+  if (p.causal) return {n_tiles - 1 - x, y, z};
+  const int n_full = p.seq_q / kBlockQ, rest = n_tiles - n_full;
+  if (!kShortTilesLast || p.cu_seqlens_q != 0 || rest == 0 || n_full == 0 || n_tiles > kShortTilesLastMaxTiles)
+    return {x, y, z};
+  const long long linear = x + static_cast<long long>(n_tiles) * (y + static_cast<long long>(gridDim.y) * z);
+  const long long full_ctas = static_cast<long long>(n_full) * gridDim.y * gridDim.z;
+  const bool full = linear < full_ctas;
+  const long long j = full ? linear : linear - full_ctas;
+  const int per_head = full ? n_full : rest;
+  const long long head_batch = j / per_head;
+  return {static_cast<int>(j % per_head) + (full ? 0 : n_full), static_cast<int>(head_batch % gridDim.y),
+          static_cast<int>(head_batch / gridDim.y)};
+}
+
 /// Grid (ceil(q_blocks * 128 / T::kBlockQ), Hq, B), T::kThreads threads, T::kSmemBytes dynamic
 /// shared memory; kConsumers compute warpgroups (Traits; the kernel table picks 3 for dense hd64
 /// and for the hd128 kernel of non-causal calls). kBlockSparse: walk p.block_mask (the producer
@@ -213,14 +254,13 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const auto v_full = [&](int s) { return bars + 8u * (1 + T::kStages + s); };
   const auto kv_free = [&](int s) { return bars + 8u * (1 + 2 * T::kStages + s); };
   const u32 step_info = bars + 8u * T::kBarriers;          // u32 per stage (kSkip* | step)
-  const u32 scale_info = step_info + 4u * T::kStages;      // per stage: K scales [block 0..1][slot 0..3]
+  // per stage: K scales [block 0..1][slot 0..3], 16-byte aligned for the bulk copies
+  const u32 scale_info = (step_info + 4u * T::kStages + 15u) & ~15u;
   const auto stage_k = [&](int s) { return smem_stages + static_cast<u32>(s) * T::kStageBytes; };
   const auto stage_v = [&](int s) { return stage_k(s) + T::kKBytes; };
 
-  // Causal: the last query blocks see the most keys; launch them first.
-  const int n_ctas = T::kBlockQ == kQBlockRows ? p.q_blocks : static_cast<int>(gridDim.x);
-  const int cta = p.causal ? n_ctas - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
-  const int h = blockIdx.y, b = blockIdx.z;
+  const QueryTile tile = query_tile<T::kBlockQ, !kBlockSparse>(p);
+  const int cta = tile.index, h = tile.head, b = tile.batch;
   const int hkv = h / (p.heads_q / p.heads_kv);
   const SeqSpan q_span = seq_span(p.cu_seqlens_q, b, p.seq_q);
   const SeqSpan k_span = seq_span(p.cu_seqlens_k, b, p.seq_k);
@@ -234,10 +274,18 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const int bhq = b * p.heads_q + h;
   const int bhk = b * p.heads_kv + hkv;
 
-  if (threadIdx.x < kOnesTileBytes / 4) {
-    st_shared_u32(ones_tile + 4u * threadIdx.x, 0x38383838u);  // E4M3 1.0 x 4
-    fence_proxy_async_shared();  // visible to wgmma (the async proxy) after the barrier below
+  // E4M3 ones: the all-ones tile ("fp32" row sums) and the 8 rows after each V^T block of
+  // every stage ("fp32+fp32"), which no copy writes; visible to wgmma (the async proxy) after
+  // the barrier below.
+  constexpr u32 kSumWords = T::kSumRowsBytes / 4;
+  for (u32 w = threadIdx.x; w < kOnesTileBytes / 4 + 2 * T::kStages * kSumWords; w += T::kThreads) {
+    const u32 r = w - kOnesTileBytes / 4, block = r / kSumWords;  // block: stage * 2 + V block
+    const u32 at = w < kOnesTileBytes / 4 ? ones_tile + 4u * w
+                                          : stage_v(static_cast<int>(block / 2)) + (block % 2) * T::kVBlockStride +
+                                                T::kVBlockBytes + 4u * (r % kSumWords);
+    st_shared_u32(at, 0x38383838u);  // E4M3 1.0 x 4
   }
+  fence_proxy_async_shared();
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
     for (int s = 0; s < T::kStages; ++s) {
@@ -249,6 +297,12 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   }
   __syncthreads();
 
+  // A step's two V^T blocks (64 keys each), each followed by its row of ones in the stage.
+  const auto load_v = [&](int s, int step) {
+    mbar_arrive_expect_tx(v_full(s), T::kVBytes);
+    tma_load_4d(stage_v(s), &params.tmap_v, v_full(s), 0, 0, 2 * step, bhk);
+    tma_load_4d(stage_v(s) + T::kVBlockStride, &params.tmap_v, v_full(s), 0, 0, 2 * step + 1, bhk);
+  };
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     // Producer: warp 0 reads the block mask 32 steps at a time (a ballot per 64-key half), its
@@ -266,13 +320,18 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
         mbar_arrive_expect_tx(q_full, T::kQBytes);
         tma_load_3d(smem_q, &params.tmap_q, q_full, 0, q0, bhq);
       }
+      // Each step's K scales (4 floats per 64-key block) land beside its K tile, so the
+      // consumers read them from shared memory instead of computing addresses and waiting on
+      // global loads in the step (NOTES.md sm90 v19).
+      const float* k_scale_head = reinterpret_cast<const float*>(p.k_scale) + static_cast<long long>(bhk) * p.k_blocks * 4;
       for (int t = 0; t < n_steps; ++t) {
         const int s = t % T::kStages;
         if (t >= T::kStages) mbar_wait(kv_free(s), ((t / T::kStages) - 1) & 1);
-        mbar_arrive_expect_tx(k_full(s), T::kKBytes);
+        const u32 scale_bytes = 2 * t + 1 < p.k_blocks ? 32u : 16u;
+        mbar_arrive_expect_tx(k_full(s), T::kKBytes + scale_bytes);
+        bulk_load(scale_info + 32u * s, k_scale_head + 8 * t, scale_bytes, k_full(s));
         tma_load_3d(stage_k(s), &params.tmap_k, k_full(s), 0, t * T::kBlockK, bhk);
-        mbar_arrive_expect_tx(v_full(s), T::kVBytes);
-        tma_load_4d(stage_v(s), &params.tmap_v, v_full(s), 0, 0, 2 * t, bhk);
+        load_v(s, t);
       }
     }
     if (kBlockSparse && threadIdx.x < 32) {
@@ -320,8 +379,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
             st_shared_u32(step_info + 4u * s, static_cast<u32>(step) | skip);
             mbar_arrive_expect_tx(k_full(s), T::kKBytes);
             tma_load_3d(stage_k(s), &params.tmap_k, k_full(s), 0, step * T::kBlockK, bhk);
-            mbar_arrive_expect_tx(v_full(s), T::kVBytes);
-            tma_load_4d(stage_v(s), &params.tmap_v, v_full(s), 0, 0, 2 * step, bhk);
+            load_v(s, step);
           }
           ++i;
         }
@@ -344,8 +402,11 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const int q_block = kWholeBlock ? cta : warp_q0 / kQBlockRows;
   const int slot_warp = kWholeBlock ? consumer * 4 + warp : (warp_q0 % kQBlockRows) / 16;
   const u32 q_rows = smem_q + static_cast<u32>(consumer) * 64 * kHeadDim;
+  // A consumer whose 64 rows all lie past the sequence (in a short last tile) computes nothing:
+  // it keeps the ring's arrivals and the turns, and the others then run alone.
+  const bool idle = !kBlockSparse && q0 + 64 * consumer >= q_span.len;
   float q_scale = 0.f;
-  if (!kBlockSparse && q_from_source && n_steps > 0) {
+  if (!kBlockSparse && q_from_source && n_steps > 0 && !idle) {
     // Each warp quantizes its 16 rows into the INT8 Q tile as the quantizer's Q job would; the
     // warpgroup's products read all 64 rows, so it syncs (after making the generic-proxy stores
     // visible to wgmma's async proxy). The caller's Q is not the quantizer's output: this runs
@@ -404,27 +465,38 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     }
     wgmma_commit();
   };
-  // d (+)= P V of entry i's 32-key slices [first, last) (asynchronous, one commit group); the
-  // group holding slice 0 waits for V and, when `fresh`, starts d from zero (two-level). Beside
-  // each slice, ls (+)= P times the all-ones tile: the rows' sums of this step's E4M3 P, from
-  // zero at slice 0 in every accumulation mode.
-  const u64 ones = ones_desc(ones_tile);
-  const auto issue_pv = [&](int i, const u32 (&pa)[T::kKTiles / 4][4], float (&d)[T::kOTiles][4], float (&ls)[1][4],
-                            bool fresh, int first = 0, int last = T::kKTiles / 4) {
+  // P V of entry i's 32-key slices [first, last) (asynchronous, one commit group; the group
+  // holding slice 0 waits for V). "fp32+fp32": into a step's block `blk`, from zero at slice 0,
+  // with N = kHeadDim + 8: the 8 rows of ones after each V^T block give the rows' sums of the
+  // step's E4M3 P in blk's last tile. "fp32": O (+)= P V, and beside each slice ls (+)= P times
+  // the all-ones tile (N = 8), from zero at slice 0.
+  const auto v_slice_desc = [&](int s, int c) {  // slice c: 64-key block c/2, byte offset 32*(c%2)
+    return desc_advance(v_desc0, static_cast<u32>(s) * T::kStageBytes + static_cast<u32>(c / 2) * T::kVBlockStride + 32u * (c % 2));
+  };
+  const auto issue_pv_block = [&](int i, const u32 (&pa)[T::kKTiles / 4][4], float (&blk)[T::kOTiles + 1][4],
+                                  int first = 0, int last = T::kKTiles / 4) {
     const int s = i % T::kStages;
     if (first == 0) mbar_wait(v_full(s), (i / T::kStages) & 1);
     wgmma_fence();
 #pragma unroll
     for (int c = 0; c < T::kKTiles / 4; ++c) {
       if (c < first || c >= last) continue;
-      // slice c: 64-key block c/2, byte offset 32*(c%2)
-      const u64 v_desc =
-          desc_advance(v_desc0, static_cast<u32>(s) * T::kStageBytes + static_cast<u32>(c / 2) * T::kVBlockBytes + 32u * (c % 2));
-      if (c == 0 && fresh) {
-        wgmma_pv<kHeadDim, false>(d, pa[c], v_desc);
+      if (c == 0) {
+        wgmma_pv_sums<kHeadDim, false>(blk, pa[c], v_slice_desc(s, c));
       } else {
-        wgmma_pv<kHeadDim, true>(d, pa[c], v_desc);
+        wgmma_pv_sums<kHeadDim, true>(blk, pa[c], v_slice_desc(s, c));
       }
+    }
+    wgmma_commit();
+  };
+  const u64 ones = ones_desc(ones_tile);
+  const auto issue_pv_direct = [&](int i, const u32 (&pa)[T::kKTiles / 4][4], float (&ls)[1][4]) {
+    const int s = i % T::kStages;
+    mbar_wait(v_full(s), (i / T::kStages) & 1);
+    wgmma_fence();
+#pragma unroll
+    for (int c = 0; c < T::kKTiles / 4; ++c) {
+      wgmma_pv<kHeadDim, true>(o, pa[c], v_slice_desc(s, c));
       if (c == 0) {
         wgmma_e4m3_m64n8k32<false>(ls, pa[c], ones);
       } else {
@@ -433,24 +505,12 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     }
     wgmma_commit();
   };
-  // The K scales of entry i's two 64-key blocks (this thread's slot): staged by the producer
-  // (block-sparse), or loaded here a step ahead of their use (a global load's latency would
-  // otherwise stall the softmax).
-  // The K scale rows of this head, as an index from the parameter (no 64-bit pointer held
-  // across the loop: registers are short with three consumers; the buffer holds 4 floats per
-  // 64 keys per head, far below 2^31).
-  const int k_scale_row = (bhk * p.k_blocks) * 4 + lane % 4;
-  const auto k_scales = [&](int i) { return reinterpret_cast<const float*>(p.k_scale)[static_cast<long long>(k_scale_row) + i]; };
+  // The K scales of entry i's two 64-key blocks (this thread's slot), which the producer put
+  // beside the step's K tile; a high block past the keys has none (its keys are masked).
   const auto step_scales = [&](int i, u32 entry, float (&scale)[2]) {
-    if constexpr (kBlockSparse) {
-      const u32 at = scale_info + 32u * (i % T::kStages) + 4u * (lane % 4);
-      scale[0] = __uint_as_float(ld_shared_u32(at));
-      scale[1] = __uint_as_float(ld_shared_u32(at + 16u));
-    } else {
-      const int kb = 2 * static_cast<int>(entry);  // the step's first 64-key quantizer block
-      scale[0] = k_scales(kb * 4);
-      scale[1] = kb + 1 < p.k_blocks ? k_scales((kb + 1) * 4) : 0.f;
-    }
+    const u32 at = scale_info + 32u * (i % T::kStages) + 4u * (lane % 4);
+    scale[0] = __uint_as_float(ld_shared_u32(at));
+    scale[1] = 2 * static_cast<int>(entry & kStepMask) + 1 < p.k_blocks ? __uint_as_float(ld_shared_u32(at + 16u)) : 0.f;
   };
   // Scores of a step -> probabilities (fp32, scaled by 448) in place, and the rows' rescale.
   const auto softmax = [&](u32 entry, const int (&acc)[T::kKTiles][4], const float (&k_scale)[2],
@@ -478,9 +538,20 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   const auto pass_turn = [&]() { if (T::kTurns) named_barrier_arrive(their_turn, 256); };
   if (T::kTurns && consumer == T::kConsumers - 1) named_barrier_arrive(their_turn, 256);
   float k_scale[2];
-  if (!kBlockSparse && n_steps > 0) step_scales(0, 0u, k_scale);  // in flight while K lands
   u32 entry = next_entry(0);
   int entries = 0;  // ring entries this consumer read (kept steps)
+  if (idle) {
+    int i = 0;
+    for (; entry != kEndOfSteps; ++i) {
+      take_turn();  // one turn per step and one more, as the overlapping loop below takes them
+      pass_turn();
+      if (lane == 0) mbar_arrive(kv_free(i % T::kStages));
+      entry = next_entry(i + 1);
+    }
+    if (i > 0) take_turn(), pass_turn();
+    if (!T::kTurns) named_barrier_sync(1, 128 * T::kConsumers);  // as all consumers, below
+    return;  // nothing to write
+  }
   if constexpr (!T::kOverlap) {
     // In order (three consumers at hd128: no registers for a second score tile): S(i), its
     // softmax, then P(i) V(i); the other consumers' products and softmaxes fill the gaps. The
@@ -490,13 +561,11 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     for (; entry != kEndOfSteps; ++i) {
       int acc[T::kKTiles][4];
       if (i == 0) mbar_wait(q_full, 0);
-      if (kBlockSparse) step_scales(i, entry, k_scale);
+      step_scales(i, entry, k_scale);
       const bool split = kAccum == PvAccum::kBlockFp32 && static_cast<int>(entry & kStepMask) < first_masked &&
                          (entry >> 30) == 0;
       issue_qk(i, acc, 0);  // S in two 64-key halves (N = 64 each)
       issue_qk(i, acc, 1);
-      float k_scale_next[2];  // dense: the next step's K scales load under this step
-      if (!kBlockSparse && i + 1 < n_steps) step_scales(i + 1, static_cast<u32>(i + 1), k_scale_next);
       u32 pa[T::kKTiles / 4][4];
       float rescale[2];
       if (split) {
@@ -511,25 +580,29 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
         wgmma_wait<1>();
         fence_register_tiles<0, kHalfTiles>(acc);
         half_row_max<T, 0>(acc, m_lo);
+        // ptxas sinks register-only math below a wgmma wait, and across any branch it can
+        // remove, but not below a branch whose condition needs it: this one keeps the first
+        // half's max under the second half's product. Never taken (a converted INT32 max is
+        // never a denormal, the bits a head count would read as); 4 instructions.
+        if (__float_as_int(fmaxf(m_lo[0], m_lo[1])) == p.heads_q) asm volatile("nanosleep.u32 1;");
         wgmma_wait<0>();
         fence_register_tiles<kHalfTiles, kHalfTiles>(acc);
         half_row_max<T, kHalfTiles>(acc, m_hi);
-        float blk[T::kOTiles][4], ls[1][4];
+        float blk[T::kOTiles + 1][4];
         float sc[T::kKTiles][4], shift[2];
         const float scale_lo = q_scale * k_scale[0], scale_hi = q_scale * k_scale[1];
         update_row_max(m_lo, m_hi, scale_lo, scale_hi, st, rescale, shift, kLog2PScale);
         unmasked_exp<T, 0, kHalfTiles>(acc, scale_lo, scale_hi, shift, sc);
         pack_p_e4m3<T>(pa, sc);
-        issue_pv(i, pa, blk, ls, true, 0, kHalfSlices);
+        issue_pv_block(i, pa, blk, 0, kHalfSlices);
         unmasked_exp<T, kHalfTiles, T::kKTiles>(acc, scale_lo, scale_hi, shift, sc);
         pack_p_e4m3<T>(pa, sc);
-        issue_pv(i, pa, blk, ls, true, kHalfSlices, 2 * kHalfSlices);
+        issue_pv_block(i, pa, blk, kHalfSlices, 2 * kHalfSlices);
         rescale_rows<T::kOTiles>(o, rescale);  // under the product
         wgmma_wait<0>();
         fence_registers(blk);
-        fence_registers(ls);
-        add_block<T::kOTiles>(o, blk);
-        add_row_sums(st, rescale, ls);
+        add_block<T::kOTiles>(o, o_tiles<T>(blk));
+        add_row_sums(st, rescale, sum_tile<T>(blk));
       } else {
         wgmma_wait<0>();
         fence_registers(acc);
@@ -538,27 +611,27 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
           softmax(entry, acc, k_scale, sc, rescale);
           pack_p_e4m3<T>(pa, sc);
         }
-        float ls[1][4];
         if constexpr (kAccum == PvAccum::kBlockFp32) {
-          float blk[T::kOTiles][4];
-          issue_pv(i, pa, blk, ls, true);
+          float blk[T::kOTiles + 1][4];
+          issue_pv_block(i, pa, blk);
           rescale_rows<T::kOTiles>(o, rescale);  // under the product
           wgmma_wait<0>();
           fence_registers(blk);
-          add_block<T::kOTiles>(o, blk);
+          add_block<T::kOTiles>(o, o_tiles<T>(blk));
+          add_row_sums(st, rescale, sum_tile<T>(blk));
         } else {
+          float ls[1][4];
           rescale_rows<T::kOTiles>(o, rescale);
           fence_registers(o);
-          issue_pv(i, pa, o, ls, false);
+          issue_pv_direct(i, pa, ls);
           wgmma_wait<0>();
           fence_registers(o);
+          fence_registers(ls);
+          add_row_sums(st, rescale, ls);
         }
-        fence_registers(ls);
-        add_row_sums(st, rescale, ls);
       }
       if (lane == 0) mbar_arrive(kv_free(i % T::kStages));
       entry = next_entry(i + 1);
-      if (!kBlockSparse) k_scale[0] = k_scale_next[0], k_scale[1] = k_scale_next[1];
     }
     entries = i;
   } else if (entry != kEndOfSteps) {
@@ -566,10 +639,10 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     int acc[T::kKTiles][4];
     float sc[T::kKTiles][4];
     u32 pa[T::kKTiles / 4][4];
-    float blk[T::kOTiles][4];  // "fp32+fp32": one step's P V
-    float ls[1][4];            // one step's row sums (add_row_sums)
+    float blk[T::kOTiles + 1][4];  // "fp32+fp32": one step's P V and row sums
+    float ls[1][4];                // "fp32": one step's row sums (add_row_sums)
     float rescale[2];
-    if (kBlockSparse) step_scales(0, entry, k_scale);
+    step_scales(0, entry, k_scale);
     take_turn();
     issue_qk(0, acc);
     pass_turn();
@@ -584,21 +657,22 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
     // pipeline asynchronous).
     const auto pv_step = [&](int i, const u32 (&pa)[T::kKTiles / 4][4]) {  // the caller holds the turn
       if constexpr (kAccum == PvAccum::kBlockFp32) {
-        issue_pv(i, pa, blk, ls, true);
+        issue_pv_block(i, pa, blk);
       } else {
-        issue_pv(i, pa, o, ls, false);
+        issue_pv_direct(i, pa, ls);
       }
     };
     const auto finish_pv = [&](int i) {  // after P(i) V(i) retired: fold it into O and l, free the stage
       if constexpr (kAccum == PvAccum::kBlockFp32) {
         fence_registers(blk);
         rescale_rows<T::kOTiles>(o, rescale);
-        add_block<T::kOTiles>(o, blk);
+        add_block<T::kOTiles>(o, o_tiles<T>(blk));
+        add_row_sums(st, rescale, sum_tile<T>(blk));
       } else {
         fence_registers(o);
+        fence_registers(ls);
+        add_row_sums(st, rescale, ls);
       }
-      fence_registers(ls);
-      add_row_sums(st, rescale, ls);
       if (lane == 0) mbar_arrive(kv_free(i % T::kStages));  // this warp is done reading the stage
     };
     const auto direct_rescale = [&]() {  // "fp32": O is the PV accumulator; rescale it first
@@ -648,7 +722,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
   // for its products of those steps before its last turn, and all copies are done, while the
   // other consumers' last products may still read the latest two. A slot holds two consumers'
   // output rows (4 warps x 16 rows x kHeadDim x 2 bytes each).
-  static_assert(T::kStageBytes == 2 * 4 * 32 * kHeadDim && T::kConsumers <= 4, "two consumers per slot");
+  static_assert(T::kStageBytes >= 2 * 4 * 32 * kHeadDim && T::kConsumers <= 4, "two consumers per slot");
   const u32 staging = stage_k((entries + (T::kConsumers == 2 ? consumer : consumer / 2)) % T::kStages) +
                       static_cast<u32>((T::kConsumers == 2 ? 0 : (consumer % 2) * 4) + warp) * 32 * kHeadDim;
   keep_quad_leader_sums(st, lane);

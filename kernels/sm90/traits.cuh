@@ -42,20 +42,26 @@ struct Traits {
   static constexpr Swizzle kVSwizzle = Swizzle::k64B;
   static constexpr u32 kVGroupBytes = 8 * kKBlockRows;
   static constexpr u32 kVBlockBytes = kHeadDim * kKBlockRows;
+  // In a stage each V^T block is followed by 8 rows (one swizzle group) of E4M3 ones, so the
+  // "fp32+fp32" P V product (N = kHeadDim + 8) yields the rows' sums of P in its last 8 columns
+  // (NOTES.md sm90 v19). The gap is padded to 1024 bytes: every block keeps the alignment the
+  // K tiles' copies have (the 128B swizzle's period; the V copies' 64B swizzle needs 512).
+  static constexpr u32 kSumRowsBytes = 8 * kKBlockRows;
+  static constexpr u32 kVBlockStride = kVBlockBytes + 1024;
 
   static constexpr int kQBytes = kBlockQ * kHeadDim;
   // The caller's 16-bit Q rows, unswizzled, when the kernel quantizes Q itself
   // (Sm90AttnParams::q_source_dtype >= 0).
   static constexpr int kQSourceBytes = 2 * kBlockQ * kHeadDim;
   static constexpr int kKBytes = kBlockK * kHeadDim;
-  static constexpr int kVBytes = kBlockK * kHeadDim;
-  static constexpr int kStageBytes = kKBytes + kVBytes;
+  static constexpr int kVBytes = kBlockK * kHeadDim;  // copied per step
+  static constexpr int kStageBytes = kKBytes + 2 * kVBlockStride;
   static constexpr int kBarriers = 1 + 3 * kStages;  // Q full; K full, V full, K/V free per stage
   // [align slack][Q][Q source][stage 0: K V]...[ones tile][barriers][step entry per stage][8 K
-  // scales per stage]; tiles on 1024-byte boundaries (the 128B swizzle's period), which every
-  // size above is a multiple of.
+  // scales per stage, 16-byte aligned]; tiles on 1024-byte boundaries (the 128B swizzle's
+  // period), which every size above is a multiple of.
   static constexpr int kSmemBytes = 1024 + kQBytes + kQSourceBytes + kStages * kStageBytes + kOnesTileBytes +
-                                    8 * kBarriers + 4 * kStages + 32 * kStages;
+                                    8 * kBarriers + 4 * kStages + 16 + 32 * kStages;
 };
 
 }  // namespace sm90

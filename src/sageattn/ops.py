@@ -435,8 +435,8 @@ def _q_source_map(qh: torch.Tensor, strides: tuple, q_rows: int) -> _abi.TensorM
 def _sm90_params(p: _abi.AttnParams, scratch: "_Scratch", geometry: tuple, q_rows: int,
                  q_source: Optional[tuple]) -> _abi.Sm90AttnParams:
     """AttnParams plus the tensor maps of the sm90 kernel's copies: the CTA's ``q_rows`` Q rows,
-    a 128-key K step (rows past the buffer read as zeros), and a step's two V^T blocks of 64
-    keys. ``geometry``: (B, Hq, Hkv, q_blocks, k_blocks, d_pad) of the scratch buffers.
+    a 128-key K step (rows past the buffer read as zeros), and one V^T block of 64 keys (a step
+    copies two, each to its own place beside a row of ones: kernels/sm90/traits.cuh). ``geometry``: (B, Hq, Hkv, q_blocks, k_blocks, d_pad) of the scratch buffers.
     ``q_source``: (Q as HND view, its (b, h, s) strides, dtype code, granularity code,
     sm_scale * log2(e)) when the kernel quantizes Q itself, else None (the quantizer's Q)."""
     B, Hq, Hkv, q_blocks, k_blocks, d_pad = geometry
@@ -455,7 +455,7 @@ def _sm90_params(p: _abi.AttnParams, scratch: "_Scratch", geometry: tuple, q_row
         tmap_k=_tensor_map(scratch["k_int8"], (d_pad, k_blocks * _K_BLOCK, B * Hkv),
                            (d_pad, 128, 1), swizzle),
         tmap_v=_tensor_map(scratch["v_fp8"], (_K_BLOCK, d_pad, k_blocks, B * Hkv),
-                           (_K_BLOCK, d_pad, 2, 1), _TMAP_SWIZZLE[64]),
+                           (_K_BLOCK, d_pad, 1, 1), _TMAP_SWIZZLE[64]),
         attn=p, **q_fields)
 
 
