@@ -123,8 +123,9 @@ def _sm90_kernels():
                 f"{consumers}>(p)",
                 threads=128 * (1 + consumers), min_blocks=1, q_rows=64 * consumers,
                 # align slack + Q int8 64*consumers*hd and 16-bit source 2x that + 4 stages
-                # of (K 128*hd + V^T 128*hd) + the all-ones tile of the row sums (256) + 13
-                # mbarriers + a step entry and 8 K scales per stage
+                # of (K 128*hd + two V^T blocks of 64*hd, each followed by 1024 bytes: 8 rows
+                # of ones and padding) + the all-ones tile of the row sums (256) + 13
+                # mbarriers + a step entry per stage + 16 alignment slack + 8 K scales per stage
                 smem=1024 + 3 * 64 * consumers * hd + 4 * (256 * hd + 2048) + 256 + 104 + 16 + 16 + 128,
                 smem_expr=f"sageattn::sm90::Traits<{hd}, {consumers}>::kSmemBytes",
                 head_dim=hd, pv_accum=acc))

@@ -57,9 +57,9 @@ struct Traits {
   static constexpr int kVBytes = kBlockK * kHeadDim;  // copied per step
   static constexpr int kStageBytes = kKBytes + 2 * kVBlockStride;
   static constexpr int kBarriers = 1 + 3 * kStages;  // Q full; K full, V full, K/V free per stage
-  // [align slack][Q][Q source][stage 0: K V]...[ones tile][barriers][step entry per stage][8 K
-  // scales per stage, 16-byte aligned]; tiles on 1024-byte boundaries (the 128B swizzle's
-  // period), which every size above is a multiple of.
+  // [align slack][Q][Q source][stage 0: K, V^T block, ones, V^T block, ones]...[ones tile]
+  // [barriers][step entry per stage][8 K scales per stage, 16-byte aligned]; tiles on 1024-byte
+  // boundaries (the 128B swizzle's period), which every size above is a multiple of.
   static constexpr int kSmemBytes = 1024 + kQBytes + kQSourceBytes + kStages * kStageBytes + kOnesTileBytes +
                                     8 * kBarriers + 4 * kStages + 16 + 32 * kStages;
 };

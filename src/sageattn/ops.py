@@ -436,7 +436,8 @@ def _sm90_params(p: _abi.AttnParams, scratch: "_Scratch", geometry: tuple, q_row
                  q_source: Optional[tuple]) -> _abi.Sm90AttnParams:
     """AttnParams plus the tensor maps of the sm90 kernel's copies: the CTA's ``q_rows`` Q rows,
     a 128-key K step (rows past the buffer read as zeros), and one V^T block of 64 keys (a step
-    copies two, each to its own place beside a row of ones: kernels/sm90/traits.cuh). ``geometry``: (B, Hq, Hkv, q_blocks, k_blocks, d_pad) of the scratch buffers.
+    copies two, each before its 8 rows of ones: kernels/sm90/traits.cuh). ``geometry``: (B, Hq,
+    Hkv, q_blocks, k_blocks, d_pad) of the scratch buffers.
     ``q_source``: (Q as HND view, its (b, h, s) strides, dtype code, granularity code,
     sm_scale * log2(e)) when the kernel quantizes Q itself, else None (the quantizer's Q)."""
     B, Hq, Hkv, q_blocks, k_blocks, d_pad = geometry
