@@ -207,8 +207,8 @@ __device__ __forceinline__ float quantize_q_rows(const char* src, char* dst, int
 /// start in blockIdx order, x fastest), where they fill the final wave, whose CTAs would
 /// otherwise all be full ones (at 2k, 11 tiles of 192 rows per head, the eleventh two-thirds
 /// full). Longer heads keep the plain order: the tail is a smaller share there, and at 8k the
-/// whole call measured 2-4% slower with it (the last wave then reads every head's K and V
-/// again from memory: NOTES.md sm90 v19).
+/// whole call read 2-4% lower with it in one A/B (its last wave reads every head's K and V
+/// again from memory; not separated from run-to-run noise: NOTES.md sm90 v19).
 constexpr int kShortTilesLastMaxTiles = 24;
 struct QueryTile {
   int index, head, batch;
