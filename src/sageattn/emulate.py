@@ -527,6 +527,8 @@ def v_channel_amax(v: torch.Tensor, mean: Optional[torch.Tensor], vmin: torch.Te
     bound = torch.where(bound <= _FLT_MAX, bound, amax)
     codes = e4m3_bits(_v_scaled(v, mu, bound, scale_max, head_dim_padded))
     saturated = ((codes & 0x7F) >= 0x7E).flatten(2).any(dim=-1)
+    if not saturated.any():  # the usual case: no head needs the exact statistics
+        return bound, saturated
     _, lo, hi = channel_stats(v, head_dim_padded, mean=False, minmax=True)
     return torch.where(saturated[..., None], _channel_amax(lo, hi, mu), bound), saturated
 
