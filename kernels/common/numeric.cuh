@@ -73,6 +73,18 @@ __device__ __forceinline__ u32 pack_e4m3x4(float x0, float x1, float x2, float x
 #endif
 }
 
+/// @brief Four E4M3 bytes -> two f16x2: `lo` holds bytes 0 and 1, `hi` bytes 2 and 3 (exact).
+__device__ __forceinline__ void unpack_e4m3x4(u32 x, u32& lo, u32& hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}"
+      : "=r"(lo), "=r"(hi)
+      : "r"(x));
+#else
+  __trap();
+  lo = hi = 0u;
+#endif
+}
+
 /// @brief Symmetric INT8 code: round half to even, clamp to [-127, 127].
 __device__ __forceinline__ int quantize_int8(float x) {
   int q = __float2int_rn(x);
