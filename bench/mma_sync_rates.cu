@@ -2,7 +2,8 @@
 // forced on the H100): INT8 and FP16 mma.sync, the E4M3 mma.sync that ptxas lowers to FP16 MMAs on
 // sm_90, and the conversions and exponentials around them. One CTA per SM with 4, 8 or 16 warps;
 // each warp issues `iters` rounds of 8 independent instructions; clock64 cycles per instruction
-// and SM sub-partition (4 per SM), two integer adds per round of each B operand included. The products are the kernels' own wrappers. Standalone:
+// and SM sub-partition (4 per SM), the two integer adds that renew each round's B operands
+// included. The products are the kernels' own wrappers. Standalone:
 //
 //     nvcc -O3 -std=c++17 -Ikernels -gencode arch=compute_90a,code=sm_90a \
 //          -o mma_sync_rates bench/mma_sync_rates.cu

@@ -61,6 +61,14 @@ constexpr bool kPvAsF16Mma = true;
 constexpr bool kPvAsF16Mma = false;
 #endif
 
+/// @brief f16 m16n8k16 into an f16x2 or an fp32 accumulator, by the accumulator's type.
+__device__ __forceinline__ void mma_f16_m16n8k16_acc(u32 (&d)[2], const u32 (&a)[4], u32 b0, u32 b1) {
+  mma_f16_m16n8k16_f16acc(d, a, b0, b1);
+}
+__device__ __forceinline__ void mma_f16_m16n8k16_acc(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  mma_f16_m16n8k16_f32acc(d, a, b0, b1);
+}
+
 /// @brief An E4M3 m16n8k32 A fragment as the A fragments of two f16 m16n8k16 products: keys
 /// 4c..4c+1 of each 4-key group become f16 keys 2c..2c+1 and keys 4c+2..4c+3 become 2c+8..2c+9
 /// (a relabelling of the block's keys, applied to B alike in mma_e4m3_as_f16).
@@ -73,15 +81,15 @@ __device__ __forceinline__ void unpack_a_fragment(u32 (&a16)[2][4], const u32 (&
 
 /// @brief D += A(16x32) B(32x8) with A unpacked by unpack_a_fragment and B as E4M3 (b0: keys
 /// 0..15, b1: keys 16..31 of the step), through two f16 products.
+/// Acc: u32[2] (f16x2, "fp32+fp16" blocks) or float[4]; the f16 product picked by overload.
 template <class Acc>
 __device__ __forceinline__ void mma_e4m3_as_f16(Acc& d, const u32 (&a16)[2][4], u32 b0, u32 b1) {
-  u32 lo, hi;
-  unpack_e4m3x4(b0, lo, hi);
-  if constexpr (sizeof(Acc) == 2 * sizeof(u32)) mma_f16_m16n8k16_f16acc(d, a16[0], lo, hi);
-  else mma_f16_m16n8k16_f32acc(d, a16[0], lo, hi);
-  unpack_e4m3x4(b1, lo, hi);
-  if constexpr (sizeof(Acc) == 2 * sizeof(u32)) mma_f16_m16n8k16_f16acc(d, a16[1], lo, hi);
-  else mma_f16_m16n8k16_f32acc(d, a16[1], lo, hi);
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    u32 lo, hi;
+    unpack_e4m3x4(k == 0 ? b0 : b1, lo, hi);
+    mma_f16_m16n8k16_acc(d, a16[k], lo, hi);
+  }
 }
 
 template <class T, PvAccum kAccum>
