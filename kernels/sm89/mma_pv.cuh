@@ -102,7 +102,7 @@ __device__ __forceinline__ void mma_pv(float (&o)[T::kOTiles][4], const float (&
     if (kAccum == PvAccum::kBlockFp32) acc32[dc][0] = acc32[dc][1] = acc32[dc][2] = acc32[dc][3] = 0.f;
     if (kAccum == PvAccum::kBlockFp16) acc16[dc][0] = acc16[dc][1] = 0u;
   }
-  float (&acc)[T::kOTiles][4] = kAccum == PvAccum::kDirect ? o : acc32;
+  float (&acc)[T::kOTiles][4] = kAccum == PvAccum::kDirect ? o : acc32;  // sm_90's fp32 target
 #pragma unroll
   for (int t = 0; t < T::kBlockK / 32; ++t) {
     u32 a[4];
@@ -114,15 +114,21 @@ __device__ __forceinline__ void mma_pv(float (&o)[T::kOTiles][4], const float (&
     for (int dc = 0; dc < T::kOTiles; dc += 2) {
       u32 b[4];
       vt_fragments<T>(b, smem_vt, lane_offset, dc);
+      if constexpr (kPvAsF16Mma) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if constexpr (kPvAsF16Mma) {
+        for (int h = 0; h < 2; ++h) {
           if (kAccum == PvAccum::kBlockFp16) mma_e4m3_as_f16(acc16[dc + h], a16, b[2 * h], b[2 * h + 1]);
           else mma_e4m3_as_f16(acc[dc + h], a16, b[2 * h], b[2 * h + 1]);
-        } else {
-          if (kAccum == PvAccum::kBlockFp16) mma_e4m3_m16n8k32_f16acc(acc16[dc + h], a, b[2 * h], b[2 * h + 1]);
-          else mma_e4m3_m16n8k32_f32acc(acc[dc + h], a, b[2 * h], b[2 * h + 1]);
         }
+      } else if (kAccum == PvAccum::kBlockFp16) {  // native E4M3 (sm_89, sm_120): as before 130db6f
+        mma_e4m3_m16n8k32_f16acc(acc16[dc], a, b[0], b[1]);
+        mma_e4m3_m16n8k32_f16acc(acc16[dc + 1], a, b[2], b[3]);
+      } else if (kAccum == PvAccum::kBlockFp32) {
+        mma_e4m3_m16n8k32_f32acc(acc32[dc], a, b[0], b[1]);
+        mma_e4m3_m16n8k32_f32acc(acc32[dc + 1], a, b[2], b[3]);
+      } else {
+        mma_e4m3_m16n8k32_f32acc(o[dc], a, b[0], b[1]);
+        mma_e4m3_m16n8k32_f32acc(o[dc + 1], a, b[2], b[3]);
       }
     }
   }
