@@ -598,7 +598,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
         unmasked_exp<T, kHalfTiles, T::kKTiles>(acc, scale_lo, scale_hi, shift, sc);
         pack_p_e4m3<T>(pa, sc);
         issue_pv_block(i, pa, blk, kHalfSlices, 2 * kHalfSlices);
-        rescale_rows<T::kOTiles>(o, rescale);  // under the product
+        rescale_rows<T::kOTiles>(o, rescale);  // ptxas fuses it with add_block: FFMAs after the wait
         wgmma_wait<0>();
         fence_registers(blk);
         add_block<T::kOTiles>(o, o_tiles<T>(blk));
@@ -614,7 +614,7 @@ __device__ __forceinline__ void attention(const Sm90AttnParams& params) {
         if constexpr (kAccum == PvAccum::kBlockFp32) {
           float blk[T::kOTiles + 1][4];
           issue_pv_block(i, pa, blk);
-          rescale_rows<T::kOTiles>(o, rescale);  // under the product
+          rescale_rows<T::kOTiles>(o, rescale);  // ptxas fuses it with add_block: FFMAs after the wait
           wgmma_wait<0>();
           fence_registers(blk);
           add_block<T::kOTiles>(o, o_tiles<T>(blk));
