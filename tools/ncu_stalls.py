@@ -10,9 +10,9 @@ source counters.
 Prints markdown: the stall reasons' shares of the sampled region, a table by opcode (the SASS
 mnemonic's first word, predicate dropped: its instructions, share of the samples, main reasons)
 and the instructions with the most samples. Samples whose reason the export has no column for
-count as "(unnamed)". `--loop` takes the span from the first to the last
-instruction that shares the execution count holding the most samples: a kernel's main loop.
-Standard library only; reads the first kernel of the export unless --kernel names one.
+count as "(unnamed)". `--loop` takes the span from the first to the last instruction that
+shares the execution count holding the most samples: a kernel's main loop. Standard library
+only; reads the first kernel of the export unless --kernel names one.
 """
 
 from __future__ import annotations
@@ -67,16 +67,15 @@ def read_kernels(path: str) -> dict:
                     raise ValueError(f"{path}: no column {missing[0]!r} (export with --page source --csv)")
                 stalls = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
             elif name is not None and len(row) >= len(header):
-                kernels[name].append(Instruction(
-                    len(kernels[name]), row[header["Address"]], row[header["Source"]].strip(),
-                    _int(row[header[SAMPLES]]), _int(row[header[EXECUTED]]),
-                    {h[len("stall_"):]: _int(row[header[h]]) for h in stalls}))
-                ins = kernels[name][-1]
-                # Samples whose reason has no column in the export (on Hopper most samples at
+                samples = _int(row[header[SAMPLES]])
+                reasons = {h[len("stall_"):]: _int(row[header[h]]) for h in stalls}
+                # Samples whose reason has no column in the export (on Hopper most of those at
                 # wgmma issue): counted under their own name so the reasons add up.
-                unnamed = ins.samples - sum(ins.reasons.values())
-                if unnamed > 0:
-                    ins.reasons[UNNAMED] = unnamed
+                if samples > sum(reasons.values()):
+                    reasons[UNNAMED] = samples - sum(reasons.values())
+                kernels[name].append(Instruction(len(kernels[name]), row[header["Address"]],
+                                                 row[header["Source"]].strip(), samples,
+                                                 _int(row[header[EXECUTED]]), reasons))
     if not kernels:
         raise ValueError(f"{path}: no 'Kernel Name' line: not an ncu source-page export")
     return kernels
