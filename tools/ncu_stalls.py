@@ -69,10 +69,11 @@ def read_kernels(path: str) -> dict:
             elif name is not None and len(row) >= len(header):
                 samples = _int(row[header[SAMPLES]])
                 reasons = {h[len("stall_"):]: _int(row[header[h]]) for h in stalls}
+                named = sum(reasons.values())
                 # Samples whose reason has no column in the export (on Hopper most of those at
                 # wgmma issue): counted under their own name so the reasons add up.
-                if samples > sum(reasons.values()):
-                    reasons[UNNAMED] = samples - sum(reasons.values())
+                if samples > named:
+                    reasons[UNNAMED] = samples - named
                 kernels[name].append(Instruction(len(kernels[name]), row[header["Address"]],
                                                  row[header["Source"]].strip(), samples,
                                                  _int(row[header[EXECUTED]]), reasons))
