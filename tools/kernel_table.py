@@ -98,11 +98,13 @@ def _sm90_kernels():
     # The sm89 tree's quantizer (INT8 Q/K, E4M3 V^T tiles), capped at 64 registers here (sm_90a):
     # four CTAs per SM instead of three keep more loads in flight (the launch is memory-bound:
     # -4-5% at 2k-16k on the H100, NOTES.md; only the LSE-correction path of Q jobs then uses
-    # 32 bytes of stack).
+    # 32 bytes of stack). At head dim 64 a thread has half the bytes in flight, so five CTAs
+    # (48 registers; the same 32 bytes of stack, Q jobs' LSE path only).
     for hd in (64, 128):
         rows.append(Kernel(
             f"sm90_quantize_qk_int8_v_fp8_hd{hd}", "quantize", "QuantParams",
-            f"sageattn::quantize_qk_int8_v_fp8<{hd}>(p)", threads=256, min_blocks=4, head_dim=hd))
+            f"sageattn::quantize_qk_int8_v_fp8<{hd}>(p)", threads=256, min_blocks=4 if hd == 128 else 5,
+            head_dim=hd))
         # After a quantize launch whose V scales took a margin: heads with saturated codes again.
         rows.append(Kernel(
             f"sm90_requantize_v_fp8_hd{hd}", "requantize", "QuantParams",
