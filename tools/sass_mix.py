@@ -231,17 +231,39 @@ def basic_blocks(instrs: list[Instr]):
     return blocks, succ
 
 
+def dominators(succ, pred) -> list[int]:
+    """Per block, the set of blocks that dominate it (a bit mask; block 0 is the entry)."""
+    n = len(succ)
+    everything = (1 << n) - 1
+    dom = [everything] * n
+    dom[0] = 1
+    changed = True
+    while changed:
+        changed = False
+        for b in range(1, n):
+            meet = everything
+            for p in pred[b]:
+                meet &= dom[p]
+            new = meet | (1 << b) if pred[b] else 1 << b
+            if new != dom[b]:
+                dom[b], changed = new, True
+    return dom
+
+
 def mma_loop(instrs, blocks, succ):
-    """Blocks of the natural loop with the most MMAs (the key-block loop), header first."""
+    """Blocks of the natural loop with the most MMAs (the key-block loop), header first. Only
+    edges n -> h whose target dominates their source are back edges: the out-of-line retry
+    blocks of mbarrier waits jump back into the code above them without closing a loop."""
     pred = collections.defaultdict(list)
     for k, outs in enumerate(succ):
         for t in outs:
             pred[t].append(k)
+    dom = dominators(succ, pred)
     best = None
     for n, outs in enumerate(succ):
         for h in outs:
-            if h > n:
-                continue  # back edges go to an earlier (dominating, in this code) header
+            if not dom[n] >> h & 1:
+                continue
             body, stack = {h, n}, [n]
             while stack:
                 x = stack.pop()
